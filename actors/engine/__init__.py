@@ -1,0 +1,15 @@
+"""The engine actor and its backends."""
+
+from .actor import EngineActor, EngineRef, EngineStream
+from .base import EngineBackend, EngineInfo, EngineRequest, RequestFailed, StepOutput
+
+__all__ = [
+    "EngineActor",
+    "EngineBackend",
+    "EngineInfo",
+    "EngineRef",
+    "EngineRequest",
+    "EngineStream",
+    "RequestFailed",
+    "StepOutput",
+]

@@ -1,0 +1,154 @@
+"""Starting real worker processes for tests, and proving none is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+TAG_VAR = "LLM_SUPERVISOR_TEST_TAG"
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Every live process whose environment carries ``tag`` (children inherit it)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            if proc.environ().get(TAG_VAR) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+class Worker:
+    """``python -m supervisor ...`` with JSON logs captured to a file."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.tag = uuid.uuid4().hex
+        self.log_path = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+        full_env = {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = [sys.executable, "-m", "supervisor", "--log-format", "json", *args]
+        self._log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or REPO
+        )
+        self._offset = 0
+        self._events: list[dict[str, Any]] = []
+
+    # -- logs ----------------------------------------------------------------
+    def events(self) -> list[dict[str, Any]]:
+        with self.log_path.open("rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        last_nl = chunk.rfind(b"\n")
+        if last_nl >= 0:
+            for line in chunk[: last_nl + 1].splitlines():
+                try:
+                    self._events.append(json.loads(line))
+                except ValueError:
+                    self._events.append({"event": "raw", "line": line.decode(errors="replace")})
+            self._offset += last_nl + 1
+        return self._events
+
+    def wait_event(self, name: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events():
+                if ev.get("event") == name and all(ev.get(k) == v for k, v in fields.items()):
+                    return ev
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before {name}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {name} event within {timeout}s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    # -- the system port ---------------------------------------------------
+    @property
+    def system_port(self) -> int:
+        return int(self.wait_event("system.listening")["port"])
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.system_port}{path}"
+
+    def get(self, path: str, timeout: float = 5.0) -> httpx.Response:
+        return httpx.get(self.url(path), timeout=timeout)
+
+    def post(self, path: str, timeout: float = 5.0, **kw: Any) -> httpx.Response:
+        return httpx.post(self.url(path), timeout=timeout, **kw)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        wait_until(lambda: _status(self, "/ready") == 200, timeout, f"/ready 200\n{self.tail()}")
+
+    # -- ending ------------------------------------------------------------
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.tail()}") from None
+
+    def stop(self) -> None:
+        """Make sure the worker and everything it started are gone."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for proc in tagged_processes(self.tag):
+            proc.kill()
+        self._log_file.close()
+
+    def leftovers(self, grace: float = 10.0) -> list[psutil.Process]:
+        deadline = time.monotonic() + grace
+        while True:
+            left = tagged_processes(self.tag)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+
+def _status(worker: Worker, path: str) -> int | None:
+    try:
+        return worker.get(path, timeout=2.0).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def worker_fixture(*args: str, **kw: Any) -> Iterator[Worker]:
+    worker = Worker(*args, **kw)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        left = worker.leftovers(grace=5.0)
+        assert not left, f"processes left behind: {[p.pid for p in left]}"
