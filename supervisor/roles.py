@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from actors.endpoint import EndpointServer, Registration
 from actors.engine.actor import EngineActor, EngineRef
 from actors.engine.base import EngineBackend
 from actors.engine.synthetic import SyntheticEngine
+from actors.handlers import Handlers, Inflight
 from actors.health import HealthMonitor, HealthStatus
 from actors.system import SystemRoutes, SystemServer
 
 from .config import Config
 from .errors import ConfigError
 from .http import BoundSocket
+from .planes.discovery import Discovery, FileDiscovery, MemDiscovery
 from .signals import Lifecycle
 from .tree import ActorRegistry, ChildSpec, Restart, Strategy, Supervisor
 
@@ -30,6 +34,9 @@ class Tree:
     engine: EngineRef
     system_socket: BoundSocket
     health: HealthStatus
+    inflight: Inflight
+    registration: Registration
+    endpoint: EndpointServer | None = None
 
 
 def make_backend(config: Config) -> EngineBackend:
@@ -41,7 +48,41 @@ def make_backend(config: Config) -> EngineBackend:
             load_s=config.synthetic_load_s,
             model=config.model or "synthetic",
         )
-    raise ConfigError(f"--engine {config.engine}: not available in this build")
+    if config.engine == "vllm":
+        try:
+            from actors.engine.vllm_backend import VllmEngine
+        except ImportError as exc:
+            raise ConfigError(f"--engine vllm: vLLM is not importable ({exc}); install the [vllm] extra") from None
+        return VllmEngine(engine_args(config))
+    raise ConfigError(f"--engine {config.engine}: unknown engine (vllm, synthetic)")
+
+
+def engine_args(config: Config) -> dict[str, Any]:
+    """The AsyncEngineArgs for this worker; the demo model when none was named."""
+    args = dict(config.engine_args)
+    model = config.model or args.get("model")
+    if not model:
+        from actors.engine.models import demo_model_path
+
+        model = str(demo_model_path())
+        args.setdefault("served_model_name", ["SmolLM2-135M-Instruct"])
+    args["model"] = model
+    return args
+
+
+def make_discovery(config: Config) -> Discovery:
+    backend = getattr(config, "discovery_backend", "file")
+    if backend == "mem":
+        return MemDiscovery()
+    if backend == "file":
+        return FileDiscovery()
+    raise ConfigError(f"--discovery-backend {backend}: not available yet (file, mem)")
+
+
+def serves_endpoints(config: Config) -> bool:
+    """Non-leader data-parallel ranks run a degraded tree: no endpoints, no registration."""
+    rank = getattr(config, "data_parallel_rank", None)
+    return not rank
 
 
 def build_tree(config: Config, registry: ActorRegistry | None = None,
@@ -66,8 +107,26 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
                                           timeout=config.health_check_timeout).run,
                   Restart.PERMANENT, shutdown="brutal"),
     ]
+    inflight = Inflight()
+    registration = Registration()
+    endpoint: EndpointServer | None = None
+    if serves_endpoints(config):
+        endpoint = EndpointServer(
+            Handlers(engine, role=config.role),
+            BoundSocket(config.system_host, getattr(config, "request_plane_port", 0) or 0),
+            lifecycle,
+            inflight,
+            discovery=make_discovery(config),
+            namespace=config.namespace,
+            component=config.component,
+            endpoint=config.endpoint,
+            engine=engine,
+            registration=registration,
+        )
+        children.append(endpoint.spec())
+        routes.checks["registered"] = lambda: (registration.registered, "not registered in discovery")
     # Non-engine children may restart often under chaos; a genuinely broken
     # one (crash loop) still escalates: 20 restarts within 1 s.
     root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)
     spec = ChildSpec(ROOT, root.run, shutdown="infinity")
-    return Tree(root, spec, registry, lifecycle, engine, system_socket, health)
+    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, registration, endpoint)

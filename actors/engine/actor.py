@@ -198,14 +198,7 @@ class EngineActor:
                 call.reply.send_nowait((False, RequestFailed(f"engine backend {self.backend.name!r} "
                                                               f"does not support {call.op!r}")))
                 continue
-            method = getattr(self.backend, call.op)
-            if call.op == "submit":  # synchronous, keep it cheap: no task per request
-                try:
-                    call.reply.send_nowait((True, method(*call.args)))
-                except Exception as exc:
-                    call.reply.send_nowait((False, exc))
-                continue
-            nursery.start_soon(self._answer, call, method)
+            nursery.start_soon(self._answer, call, getattr(self.backend, call.op))
 
     @staticmethod
     async def _answer(call: _Call, method: Callable[..., Awaitable[Any]]) -> None:

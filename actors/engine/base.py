@@ -32,6 +32,11 @@ class EngineInfo:
     load_time_s: float
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    backend: str = "synthetic"
+    # the model's sampling defaults (generation_config.json), as SamplingParams kwargs
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    lora_enabled: bool = False
+    max_loras: int = 0
 
 
 @dataclass
@@ -84,7 +89,7 @@ class EngineBackend(Protocol):
 
     async def run(self, *, task_status: trio.TaskStatus[EngineInfo] = ...) -> None: ...
 
-    def submit(self, request: EngineRequest) -> Stream:
+    async def submit(self, request: EngineRequest) -> Stream:
         """Start a request; outputs arrive on the returned channel, which is
         closed after the last one (``finish_reason`` set) or after an error."""
         ...

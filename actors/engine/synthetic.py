@@ -155,7 +155,7 @@ class SyntheticEngine:
         for request_id in finished:
             self._running.pop(request_id, None)
 
-    def submit(self, request: EngineRequest) -> Stream:
+    async def submit(self, request: EngineRequest) -> Stream:
         send, recv = trio.open_memory_channel[StepOutput | BaseException](math.inf)
         if self._dead is not None or not self._alive:
             send.send_nowait(self._dead or EngineDead("engine is not running"))

@@ -12,7 +12,25 @@ import pytest
 
 from tests.procs import Worker, wait_until, worker_fixture
 
-KILLS_PER_ACTOR = 15
+KILLS_PER_ACTOR = 10
+NON_ENGINE = (
+    "root/health",
+    "root/system",
+    "root/endpoint/listener",
+    "root/endpoint/registrar",
+    "root/endpoint/connections",
+    "root/endpoint",
+)
+# reverse start order; a supervisor reports stopped after its own children
+STOP_ORDER = [
+    "root/endpoint/registrar",
+    "root/endpoint/listener",
+    "root/endpoint/connections",
+    "root/endpoint",
+    "root/health",
+    "root/engine",
+    "root/system",
+]
 
 
 @pytest.fixture
@@ -39,7 +57,7 @@ def test_non_engine_actors_come_back_every_time(worker: Worker) -> None:
     """Each non-engine actor, killed many times, is restarted and /ready returns to 200."""
     worker.wait_ready()
     port = worker.system_port
-    for path in ("root/health", "root/system"):
+    for path in NON_ENGINE:
         for i in range(KILLS_PER_ACTOR):
             kill(worker, path)
             worker.wait_ready(timeout=10)
@@ -49,8 +67,8 @@ def test_non_engine_actors_come_back_every_time(worker: Worker) -> None:
     assert snapshot["root/engine"]["restarts"] == 0
     assert all(a["state"] == "running" for a in snapshot.values())
     crashed = [e for e in worker.events() if e.get("event") == "actor.crashed"]
-    assert len(crashed) == 2 * KILLS_PER_ACTOR
-    assert {e["actor"] for e in crashed} == {"root/health", "root/system"}
+    assert len(crashed) == len(NON_ENGINE) * KILLS_PER_ACTOR
+    assert {e["actor"] for e in crashed} == set(NON_ENGINE)
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
     assert not worker.leftovers()
@@ -67,7 +85,7 @@ def test_killing_the_engine_exits_1(worker: Worker) -> None:
     assert "significant child root/engine ended" in failed["error"]
     # everything else was stopped, in reverse start order, before exit
     stopped = [e["actor"] for e in events if e["event"] == "actor.stopped"]
-    assert stopped == ["root/health", "root/system"]
+    assert stopped == [p for p in STOP_ORDER if p != "root/engine"]
     assert not worker.leftovers()
 
 
@@ -77,7 +95,7 @@ def test_sigterm_exits_0_and_stops_in_reverse_order(worker: Worker) -> None:
     assert worker.wait(timeout=10) == 0
     events = worker.events()
     stopped = [e["actor"] for e in events if e["event"] == "actor.stopped"]
-    assert stopped == ["root/health", "root/engine", "root/system"]
+    assert stopped == STOP_ORDER
     assert all(e["reason"] == "SIGTERM: shutdown" for e in events if e["event"] == "actor.stopped")
     assert not worker.leftovers()
 

@@ -1,0 +1,326 @@
+"""The endpoint server: the TCP request plane, registration, drain.
+
+It is a small supervisor of its own::
+
+    endpoint (Supervisor, one_for_one)
+    ├── connections   runs one task per connection and per request
+    ├── listener      accepts connections and hands them to ``connections``
+    └── registrar     registers the instance once serving; keeps the lease
+
+Killing the listener does not cut streams in flight: they live under
+``connections``. The listening socket, the in-flight table and the
+registration state are owned above the actors, so restarts keep them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from supervisor.errors import EngineDead
+from supervisor.http import BoundSocket
+from supervisor.planes.discovery import Discovery, InstanceRecord
+from supervisor.signals import Lifecycle
+from supervisor.tree import ActorContext, ChildSpec, Restart, Strategy, Supervisor, TaskStatus
+
+from .engine.actor import EngineRef
+from .handlers import Handlers, Inflight, RequestControl
+from .protocol import (
+    Cancel,
+    Data,
+    End,
+    Error,
+    Frame,
+    FrameError,
+    FrameReader,
+    Request,
+    RequestError,
+    encode_frame,
+)
+
+__all__ = ["EndpointServer", "Registration"]
+
+_log = structlog.get_logger("actors.endpoint")
+
+READ_SIZE = 65536
+PARTIAL_FRAME_TIMEOUT = 30.0  # a frame started must be finished within this
+SEND_QUEUE = 256
+
+
+@dataclass
+class Registration:
+    """What the registrar registered; read by /ready and the shutdown hooks."""
+
+    record: InstanceRecord | None = None
+    registered: bool = False
+    ttl: float = 10.0
+
+
+@dataclass
+class _Conn:
+    stream: trio.SocketStream
+    send: trio.MemorySendChannel[bytes]
+    requests: dict[str, RequestControl] = field(default_factory=dict)
+
+
+class EndpointServer:
+    """Build with the shared state, then use :meth:`spec` as a child of the root."""
+
+    def __init__(
+        self,
+        handlers: Handlers,
+        bound: BoundSocket,
+        lifecycle: Lifecycle,
+        inflight: Inflight,
+        *,
+        discovery: Discovery,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        engine: EngineRef,
+        registration: Registration,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.handlers = handlers
+        self.bound = bound
+        self.lifecycle = lifecycle
+        self.inflight = inflight
+        self.discovery = discovery
+        self.namespace = namespace
+        self.component = component
+        self.endpoint = endpoint
+        self.engine = engine
+        self.registration = registration
+        self.advertise_host = advertise_host or bound.host
+        self.instance_id = uuid.uuid4().hex[:16]
+        self._accepted_send, self._accepted_recv = trio.open_memory_channel[trio.SocketStream](math.inf)
+        lifecycle.on_deregister("endpoint", self._deregister)
+        lifecycle.on_drain("endpoint", self._drain)
+        lifecycle.on_abort("endpoint", self._abort_inflight)
+
+    def spec(self) -> ChildSpec:
+        sup = Supervisor(
+            [
+                ChildSpec("connections", self._connections, Restart.PERMANENT, shutdown=2.0),
+                ChildSpec("listener", self._listener, Restart.PERMANENT, shutdown="brutal"),
+                ChildSpec("registrar", self._registrar, Restart.PERMANENT, shutdown=2.0),
+            ],
+            Strategy.ONE_FOR_ONE,
+            intensity=20,
+            period=1.0,
+        )
+        return ChildSpec("endpoint", sup.run, Restart.PERMANENT, shutdown="infinity")
+
+    # -- listener --------------------------------------------------------------
+    async def _listener(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.from_stdlib_socket(self.bound.dup())
+        listener = trio.SocketListener(sock)
+        async with listener:
+            ctx.log.info("request_plane.listening", host=self.bound.host, port=self.bound.port, transport="tcp")
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                self._accepted_send.send_nowait(stream)
+
+    # -- connections -----------------------------------------------------------
+    async def _connections(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for stream in self._accepted_recv:
+                nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        send, recv = trio.open_memory_channel[bytes](SEND_QUEUE)
+        conn = _Conn(stream, send)
+        reader = FrameReader()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, stream, recv)
+                try:
+                    await self._read_loop(conn, reader, nursery)
+                finally:
+                    for control in list(conn.requests.values()):
+                        control.cancel("client disconnected")
+                    await send.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _read_loop(self, conn: _Conn, reader: FrameReader, nursery: trio.Nursery) -> None:
+        while True:
+            timeout = PARTIAL_FRAME_TIMEOUT if reader.pending else math.inf
+            with trio.move_on_after(timeout) as scope:
+                data = await conn.stream.receive_some(READ_SIZE)
+            if scope.cancelled_caught:
+                _log.warning("request_plane.slow_client", pending_bytes=reader.pending)
+                await self._send_error(conn, "", "timeout", f"incomplete frame for {PARTIAL_FRAME_TIMEOUT}s")
+                return
+            if not data:
+                return
+            try:
+                frames = reader.feed(data)
+            except FrameError as exc:
+                # we cannot find the next frame boundary: say why and hang up
+                _log.warning("request_plane.bad_frame", error=str(exc))
+                await self._send_error(conn, "", "invalid_frame", str(exc))
+                return
+            for frame in frames:
+                self._dispatch(conn, frame, nursery)
+
+    def _dispatch(self, conn: _Conn, frame: Frame, nursery: trio.Nursery) -> None:
+        if isinstance(frame, Request):
+            if frame.id in conn.requests:
+                nursery.start_soon(self._send_error, conn, frame.id, "invalid_request",
+                                   f"request id {frame.id!r} is already in flight on this connection")
+                return
+            control = RequestControl()
+            conn.requests[frame.id] = control
+            nursery.start_soon(self._run_request, conn, frame, control)
+        elif isinstance(frame, Cancel):
+            found = conn.requests.get(frame.id)
+            if found is not None:
+                found.cancel("client cancelled")
+        else:
+            nursery.start_soon(self._send_error, conn, getattr(frame, "id", ""), "invalid_frame",
+                               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
+
+    async def _writer(self, stream: trio.SocketStream, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+        async with recv:
+            async for data in recv:
+                await stream.send_all(data)
+
+    async def _send(self, conn: _Conn, frame: Frame) -> None:
+        try:
+            await conn.send.send(encode_frame(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _send_error(self, conn: _Conn, request_id: str, code: str, message: str,
+                          migratable: bool = False) -> None:
+        await self._send(conn, Error(request_id, code, message, migratable))
+
+    # -- one request -----------------------------------------------------------
+    async def _run_request(self, conn: _Conn, req: Request, control: RequestControl) -> None:
+        request_id = req.id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            if not self.lifecycle.accepting:
+                await self._send_error(conn, request_id, "shutting_down",
+                                       "worker is shutting down; retry on another instance", migratable=True)
+                return
+            handler = self.handlers.endpoints.get(req.endpoint)
+            if handler is None:
+                known = ", ".join(sorted(self.handlers.endpoints))
+                await self._send_error(conn, request_id, "not_found",
+                                       f"unknown endpoint {req.endpoint!r}; this worker serves: {known}")
+                return
+            self.inflight.add(request_id, control)
+            _log.info("request.started", endpoint=req.endpoint)
+            error: Error | None = None
+            with control.scope:
+                try:
+                    async def emit(item: Any) -> None:
+                        await self._send(conn, Data(request_id, item))
+
+                    await handler(req.payload, emit, request_id)
+                except RequestError as exc:
+                    error = exc.to_frame(request_id)
+                except EngineDead as exc:
+                    error = Error(request_id, "engine_dead", str(exc), True)
+                except Exception as exc:
+                    _log.exception("request.failed", endpoint=req.endpoint)
+                    error = Error(request_id, "internal", f"{type(exc).__name__}: {exc}", False)
+            if control.scope.cancelled_caught:
+                reason = control.reason or "cancelled"
+                _log.info("request.aborted", reason=reason)
+                if reason != "client disconnected":
+                    error = Error(request_id, "cancelled" if reason == "client cancelled" else "shutting_down",
+                                  f"request {reason}", reason != "client cancelled")
+            if error is not None:
+                _log.info("request.finished", status="error", code=error.code)
+                await self._send(conn, error)
+            else:
+                _log.info("request.finished", status="ok")
+                await self._send(conn, End(request_id))
+        finally:
+            conn.requests.pop(request_id, None)
+            self.inflight.remove(request_id)
+
+    # -- registration ----------------------------------------------------------
+    def record(self) -> InstanceRecord:
+        info = self.engine.info
+        runtime: dict[str, Any] = {}
+        model = ""
+        if info is not None:
+            model = info.model
+            runtime = {
+                "total_kv_blocks": info.total_kv_blocks,
+                "max_num_seqs": info.max_num_seqs,
+                "max_num_batched_tokens": info.max_num_batched_tokens,
+                "block_size": info.block_size,
+                "context_length": info.max_model_len,
+                "data_parallel_start_rank": 0,
+                "data_parallel_size": 1,
+            }
+        return InstanceRecord(
+            namespace=self.namespace,
+            component=self.component,
+            endpoint=self.endpoint,
+            instance_id=self.instance_id,
+            transport="tcp",
+            address=f"{self.advertise_host}:{self.bound.port}",
+            model=model,
+            runtime_config=runtime,
+            pid=os.getpid(),
+        )
+
+    async def _registrar(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        await self.engine.wait_ready()
+        reg = self.registration
+        if not self.lifecycle.accepting:
+            task_status.started()
+            await trio.sleep_forever()
+        reg.record = self.record()
+        await self.discovery.register(reg.record, reg.ttl)
+        reg.registered = True
+        ctx.log.info("endpoint.registered", key=reg.record.key, address=reg.record.address,
+                     discovery=self.discovery.name)
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(reg.ttl / 3)
+                if reg.registered and reg.record is not None:
+                    await self.discovery.refresh(reg.record, reg.ttl)
+        finally:
+            with ctx.cleanup_scope():
+                await self._deregister()
+
+    async def _deregister(self) -> None:
+        reg = self.registration
+        if reg.registered and reg.record is not None:
+            reg.registered = False
+            await self.discovery.deregister(reg.record)
+            _log.info("endpoint.deregistered", key=reg.record.key)
+
+    # -- shutdown hooks --------------------------------------------------------
+    async def _drain(self, deadline: float) -> None:
+        if self.inflight.requests:
+            _log.info("endpoint.draining", inflight=len(self.inflight.requests))
+        await self.inflight.wait_empty()
+
+    async def _abort_inflight(self) -> None:
+        left = list(self.inflight.requests.values())
+        if left:
+            _log.warning("endpoint.aborting", inflight=len(left))
+        for control in left:
+            control.cancel("aborted by shutdown")
+        with trio.move_on_after(2.0):
+            await self.inflight.wait_empty()

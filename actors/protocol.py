@@ -1,0 +1,144 @@
+"""The request plane's frames, and the errors a request can end with.
+
+On TCP each frame is a 4-byte big-endian length followed by a msgpack map;
+on NATS a message body is one msgpack map (no length prefix). Frames:
+
+- ``request {id, endpoint, payload}``  client -> worker
+- ``cancel {id}``                        client -> worker
+- ``data {id, payload}``                 worker -> client, one per item
+- ``error {id, code, message, migratable}`` worker -> client, ends the request
+- ``end {id}``                           worker -> client, ends the request
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "MAX_FRAME",
+    "Cancel",
+    "Data",
+    "End",
+    "Error",
+    "Frame",
+    "FrameError",
+    "FrameReader",
+    "Request",
+    "RequestError",
+    "decode_frame",
+    "encode_frame",
+]
+
+MAX_FRAME = 16 * 1024 * 1024  # bytes; larger frames are refused
+_LEN = struct.Struct(">I")
+
+
+class Request(msgspec.Struct, tag="request", tag_field="type"):
+    id: str
+    endpoint: str
+    payload: Any = None
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
+    id: str
+
+
+class Data(msgspec.Struct, tag="data", tag_field="type"):
+    id: str
+    payload: Any = None
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type"):
+    id: str
+    code: str
+    message: str
+    migratable: bool = False
+
+
+class End(msgspec.Struct, tag="end", tag_field="type"):
+    id: str
+
+
+Frame = Request | Cancel | Data | Error | End
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
+
+
+class FrameError(Exception):
+    """A frame that cannot be decoded: bad length, not msgpack, wrong shape."""
+
+
+class RequestError(Exception):
+    """Ends one request with a structured error; the worker carries on.
+
+    ``code`` is a short machine-readable word (``invalid_request``,
+    ``not_found``, ``engine_dead``, ``shutting_down``, ``internal``...);
+    ``migratable`` tells a router it may retry the request on another worker.
+    """
+
+    def __init__(self, code: str, message: str, *, migratable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.migratable = migratable
+
+    def to_frame(self, request_id: str) -> Error:
+        return Error(request_id, self.code, self.message, self.migratable)
+
+
+def encode_body(frame: Frame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode_body(body: bytes) -> Frame:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise FrameError(f"malformed frame: {exc}") from None
+
+
+def encode_frame(frame: Frame) -> bytes:
+    body = _encoder.encode(frame)
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_frame(data: bytes) -> Frame:
+    """One whole length-prefixed frame."""
+    if len(data) < 4:
+        raise FrameError("truncated frame header")
+    (length,) = _LEN.unpack_from(data)
+    if length != len(data) - 4:
+        raise FrameError(f"frame length {length} does not match {len(data) - 4} bytes of body")
+    return decode_body(data[4:])
+
+
+class FrameReader:
+    """Incremental decoder: feed bytes, take whole frames."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while len(self._buf) >= 4:
+            (length,) = _LEN.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise FrameError(f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+            if len(self._buf) < 4 + length:
+                break
+            body = bytes(self._buf[4 : 4 + length])
+            del self._buf[: 4 + length]
+            frames.append(decode_body(body))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,109 @@
+"""No process outlives the worker, even when the worker is SIGKILLed.
+
+vLLM 0.32 has no parent watch: its EngineCore, VLLM::Worker and resource
+tracker processes live on when the worker dies abruptly. PR_SET_PDEATHSIG is
+unreliable here (it fires when the creating *thread* exits, and trio retires
+idle worker threads). So the worker starts this small reaper process first. The
+worker marks its environment with a fresh instance id, which every process it
+starts inherits. The reaper polls its parent; once the worker is gone (for
+whatever reason) it terminates every process still carrying that id, then
+exits.
+
+    python -m supervisor.reaper WORKER_PID INSTANCE_ID
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+INSTANCE_VAR = "LLM_SUPERVISOR_INSTANCE"
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        data = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return needle in data.split(b"\0")
+
+
+def instance_processes(instance: str, exclude: set[int]) -> list[int]:
+    needle = f"{INSTANCE_VAR}={instance}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid in exclude:
+            continue
+        if _environ_has(pid, needle):
+            pids.append(pid)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def reap(instance: str, grace: float = 3.0) -> list[int]:
+    """SIGTERM every process of ``instance``, SIGKILL what is left after ``grace``."""
+    me = {os.getpid()}
+    targets = instance_processes(instance, me)
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in targets):
+        time.sleep(0.05)
+    for pid in instance_processes(instance, me):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return targets
+
+
+def main(argv: list[str]) -> int:
+    worker_pid, instance = int(argv[0]), argv[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, not for us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while os.getppid() == worker_pid:
+        time.sleep(0.2)
+    reap(instance)
+    return 0
+
+
+def start_reaper() -> subprocess.Popen[bytes]:
+    """Mark this process's environment with a new instance id and start its reaper."""
+    instance = uuid.uuid4().hex
+    os.environ[INSTANCE_VAR] = instance
+    env = {k: v for k, v in os.environ.items() if k != INSTANCE_VAR}  # the reaper must not match itself
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor.reaper", str(os.getpid()), instance],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=None,
+        close_fds=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
