@@ -3,7 +3,13 @@
 A registration is an :class:`InstanceRecord` kept alive by a lease: the owner
 refreshes it every ``ttl / 3`` seconds; a record whose lease lapsed is gone.
 Backends: ``mem`` (in-process, for tests), ``file`` (the embedded default: one
-JSON file per instance in a shared directory).
+JSON file per instance in a shared directory), ``etcd``
+(:mod:`.discovery_etcd`, keys on a lease) and ``nats`` (:mod:`.discovery_nats`,
+a JetStream KV bucket with a TTL).
+
+``aclose`` releases what the backend holds (a server connection); the object
+stays usable and connects again on its next call. The registrar calls it each
+time it stops.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ class MemDiscovery:
         return [r for r, exp in self._records.values() if exp > now and _matches(r, namespace, component, endpoint)]
 
     async def aclose(self) -> None:
-        self._records.clear()
+        return None  # nothing to release; the records belong to the process
 
 
 def default_discovery_dir() -> Path:

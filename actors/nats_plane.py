@@ -1,0 +1,177 @@
+"""The NATS request plane (``--request-plane nats``), worker side.
+
+Subject naming: each worker instance subscribes to one subject,
+
+    {namespace}.{component}.{endpoint}-{instance_id}
+
+where ``endpoint`` is the endpoint it registers (``generate``); the instance
+record's ``address`` is that subject and its ``transport`` is ``nats``. Every
+endpoint of the worker (``generate``, ``clear_kv_blocks``, ...) is served on
+it: the msgpack :class:`~actors.protocol.Request` frame names the endpoint,
+exactly as on the TCP plane. A message body is one msgpack frame (no length
+prefix):
+
+- ``request {id, endpoint, payload}`` published to the subject with a reply
+  inbox; the worker streams ``data`` frames to that inbox and ends with one
+  ``end`` or ``error`` frame;
+- ``cancel {id}`` published to the same subject (no reply needed) cancels the
+  request with that id. Both go through the one subscription, so a cancel
+  never overtakes its request.
+
+A client that publishes to a subject nobody serves gets NATS's "no responders"
+status on its inbox at once. NATS has no connection between a client and a
+worker, so a client that dies without sending ``cancel`` is not noticed: its
+request runs to completion (bounded by ``max_tokens``) into an inbox nobody
+reads.
+
+Actors, under the endpoint supervisor::
+
+    requests   runs one task per request (the in-flight streams live here)
+    listener   owns the NATS connection and the subscription; hands messages
+               to ``requests``; publishes the replies
+
+Killing the listener does not cut the streams in flight: their replies wait
+for the next connection (milliseconds) and then go on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+import trio
+import trio_asyncio
+
+from supervisor.planes.servers import close_nats, connect_nats
+from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
+
+from .handlers import RequestControl
+from .protocol import Cancel, Data, Error, Frame, FrameError, Request, RequestError, decode_body, encode_body
+
+__all__ = ["NatsRequestPlane", "ServeRequest", "request_subject"]
+
+SendFrame = Callable[[Frame], Awaitable[None]]
+ServeRequest = Callable[[str, Any, str, SendFrame, RequestControl], Awaitable[None]]
+
+_log = structlog.get_logger("actors.nats_plane")
+
+
+def request_subject(namespace: str, component: str, endpoint: str, instance_id: str) -> str:
+    return f"{namespace}.{component}.{endpoint}-{instance_id}"
+
+
+class NatsRequestPlane:
+    """State owned above the actors (so restarts keep it) and the two actors."""
+
+    def __init__(self, servers: Sequence[str], subject: str, serve: ServeRequest) -> None:
+        self.servers = list(servers)
+        self.subject = subject
+        self.serve = serve
+        self.requests: dict[str, RequestControl] = {}
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Any](math.inf)
+        self._nc: Any = None
+        self._connected = trio.Event()
+
+    def children(self) -> list[ChildSpec]:
+        return [
+            ChildSpec("requests", self._requests, Restart.PERMANENT, shutdown=2.0),
+            ChildSpec("listener", self._listener, Restart.PERMANENT, shutdown=2.0),
+        ]
+
+    # -- listener --------------------------------------------------------------
+    async def _listener(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        closed = trio.Event()
+        nc = await connect_nats(self.servers, name=f"worker {self.subject}", closed=closed)
+        try:
+            async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
+                self._incoming_send.send_nowait(msg)
+
+            await trio_asyncio.aio_as_trio(nc.subscribe)(self.subject, cb=on_message)
+            await trio_asyncio.aio_as_trio(nc.flush)()  # subscribed on the server before we register
+            self._nc = nc
+            self._connected.set()
+            ctx.log.info("request_plane.listening", transport="nats", subject=self.subject,
+                         servers=self.servers)
+            task_status.started()
+            await closed.wait()
+            raise ConnectionError(f"the connection to NATS at {', '.join(self.servers)} was closed "
+                                  "(reconnect attempts exhausted)")
+        finally:
+            if self._nc is nc:
+                self._nc = None
+                self._connected = trio.Event()
+            with ctx.cleanup_scope():
+                await close_nats(nc)
+
+    async def _publish(self, subject: str, frame: Frame) -> None:
+        """Publish one reply frame; waits through a listener restart."""
+        import nats.errors
+
+        body = encode_body(frame)
+        while True:
+            nc = self._nc
+            if nc is None:
+                await self._connected.wait()
+                continue
+            if nc.is_closed:  # the listener is about to notice and reconnect
+                await trio.sleep(0.01)
+                continue
+            try:
+                await trio_asyncio.aio_as_trio(nc.publish)(subject, body)
+                return
+            except nats.errors.MaxPayloadError:
+                message = (f"a {type(frame).__name__.lower()} frame of {len(body)} bytes exceeds the NATS "
+                           "server's max_payload")
+                if isinstance(frame, Data):
+                    raise RequestError("internal", message) from None  # ends this request with that error
+                _log.warning("request_plane.frame_dropped", error=message, transport="nats")
+                return
+            except nats.errors.ConnectionClosedError:
+                await trio.sleep(0.01)
+
+    async def _reply_error(self, reply: str | None, request_id: str, code: str, message: str) -> None:
+        if reply:
+            await self._publish(reply, Error(request_id, code, message, False))
+
+    # -- requests --------------------------------------------------------------
+    async def _requests(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for msg in self._incoming_recv:
+                self._dispatch(msg, nursery)
+
+    def _dispatch(self, msg: Any, nursery: trio.Nursery) -> None:
+        reply: str | None = msg.reply or None
+        try:
+            frame = decode_body(msg.data)
+        except FrameError as exc:
+            _log.warning("request_plane.bad_frame", error=str(exc), transport="nats")
+            nursery.start_soon(self._reply_error, reply, "", "invalid_frame", str(exc))
+            return
+        if isinstance(frame, Request):
+            if reply is None:
+                _log.warning("request_plane.no_reply_subject", request_id=frame.id, transport="nats")
+                return
+            if frame.id in self.requests:
+                nursery.start_soon(self._reply_error, reply, frame.id, "invalid_request",
+                                   f"request id {frame.id!r} is already in flight on this worker")
+                return
+            control = RequestControl()
+            self.requests[frame.id] = control
+            nursery.start_soon(self._run, frame, reply, control)
+        elif isinstance(frame, Cancel):
+            found = self.requests.get(frame.id)
+            if found is not None:
+                found.cancel("client cancelled")
+        else:
+            nursery.start_soon(self._reply_error, reply, getattr(frame, "id", ""), "invalid_frame",
+                               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
+
+    async def _run(self, req: Request, reply: str, control: RequestControl) -> None:
+        try:
+            await self.serve(req.endpoint, req.payload, req.id, functools.partial(self._publish, reply), control)
+        finally:
+            self.requests.pop(req.id, None)
