@@ -1,4 +1,4 @@
-"""The endpoint server: the TCP request plane, registration, drain.
+"""The endpoint server: the request plane (TCP or NATS), registration, drain.
 
 It is a small supervisor of its own::
 
@@ -7,6 +7,11 @@ It is a small supervisor of its own::
     ├── listener      accepts connections and hands them to ``connections``
     └── registrar     registers the instance once serving; keeps the lease
 
+With ``request_plane="nats"`` the first two are the NATS plane's ``requests``
+and ``listener`` (:mod:`actors.nats_plane`). Both planes run each request
+through :meth:`EndpointServer.serve_request`, which knows nothing of the
+transport: it gets a ``send_frame`` callback and the request's control.
+
 Killing the listener does not cut streams in flight: they live under
 ``connections``. The listening socket, the in-flight table and the
 registration state are owned above the actors, so restarts keep them.
@@ -14,11 +19,14 @@ registration state are owned above the actors, so restarts keep them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -31,6 +39,7 @@ from supervisor.tree import ActorContext, ChildSpec, Restart, Strategy, Supervis
 
 from .engine.actor import EngineRef
 from .handlers import Handlers, Inflight, RequestControl
+from .nats_plane import NatsRequestPlane, request_subject
 from .protocol import (
     Cancel,
     Data,
@@ -44,13 +53,16 @@ from .protocol import (
     encode_frame,
 )
 
-__all__ = ["EndpointServer", "Registration"]
+__all__ = ["EndpointServer", "Registration", "RequestObserver"]
 
 _log = structlog.get_logger("actors.endpoint")
 
 READ_SIZE = 65536
 PARTIAL_FRAME_TIMEOUT = 30.0  # a frame started must be finished within this
 SEND_QUEUE = 256
+REQUEST_PLANES = ("tcp", "nats")
+
+SendFrame = Callable[[Frame], Awaitable[None]]
 
 
 @dataclass
@@ -59,7 +71,18 @@ class Registration:
 
     record: InstanceRecord | None = None
     registered: bool = False
+    asleep: bool = False  # deregistered on purpose (sleep): stay out of discovery
     ttl: float = 10.0
+
+
+class RequestObserver(Protocol):
+    """Told when a request to a known endpoint starts and how it ended
+    (``status``: ok, error with its ``code``, or cancelled). Owned above the
+    server (metrics), so restarts never reset what it counted."""
+
+    def started(self, endpoint: str) -> None: ...
+
+    def finished(self, endpoint: str, status: str, seconds: float, code: str | None = None) -> None: ...
 
 
 @dataclass
@@ -75,7 +98,7 @@ class EndpointServer:
     def __init__(
         self,
         handlers: Handlers,
-        bound: BoundSocket,
+        bound: BoundSocket | None,
         lifecycle: Lifecycle,
         inflight: Inflight,
         *,
@@ -86,6 +109,10 @@ class EndpointServer:
         engine: EngineRef,
         registration: Registration,
         advertise_host: str | None = None,
+        observer: RequestObserver | None = None,
+        instance_id: str | None = None,
+        request_plane: str = "tcp",
+        nats_servers: Sequence[str] = (),
     ) -> None:
         self.handlers = handlers
         self.bound = bound
@@ -97,20 +124,30 @@ class EndpointServer:
         self.endpoint = endpoint
         self.engine = engine
         self.registration = registration
-        self.advertise_host = advertise_host or bound.host
-        self.instance_id = uuid.uuid4().hex[:16]
+        self.advertise_host = advertise_host or (bound.host if bound is not None else "")
+        self.observer = observer
+        self.instance_id = instance_id or uuid.uuid4().hex[:16]
+        if request_plane not in REQUEST_PLANES:
+            raise ValueError(f"request plane {request_plane!r}: expected one of {', '.join(REQUEST_PLANES)}")
+        if request_plane == "tcp" and bound is None:
+            raise ValueError("the TCP request plane needs a bound socket")
+        self.request_plane = request_plane
+        self.nats: NatsRequestPlane | None = None
+        if request_plane == "nats":
+            subject = request_subject(namespace, component, endpoint, self.instance_id)
+            self.nats = NatsRequestPlane(nats_servers, subject, self.serve_request)
         self._accepted_send, self._accepted_recv = trio.open_memory_channel[trio.SocketStream](math.inf)
         lifecycle.on_deregister("endpoint", self._deregister)
         lifecycle.on_drain("endpoint", self._drain)
         lifecycle.on_abort("endpoint", self._abort_inflight)
 
     def spec(self) -> ChildSpec:
+        plane = self.nats.children() if self.nats is not None else [
+            ChildSpec("connections", self._connections, Restart.PERMANENT, shutdown=2.0),
+            ChildSpec("listener", self._listener, Restart.PERMANENT, shutdown="brutal"),
+        ]
         sup = Supervisor(
-            [
-                ChildSpec("connections", self._connections, Restart.PERMANENT, shutdown=2.0),
-                ChildSpec("listener", self._listener, Restart.PERMANENT, shutdown="brutal"),
-                ChildSpec("registrar", self._registrar, Restart.PERMANENT, shutdown=2.0),
-            ],
+            [*plane, ChildSpec("registrar", self._registrar, Restart.PERMANENT, shutdown=2.0)],
             Strategy.ONE_FOR_ONE,
             intensity=20,
             period=1.0,
@@ -119,6 +156,7 @@ class EndpointServer:
 
     # -- listener --------------------------------------------------------------
     async def _listener(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.bound is not None
         sock = trio.socket.from_stdlib_socket(self.bound.dup())
         listener = trio.SocketListener(sock)
         async with listener:
@@ -209,26 +247,46 @@ class EndpointServer:
 
     # -- one request -----------------------------------------------------------
     async def _run_request(self, conn: _Conn, req: Request, control: RequestControl) -> None:
-        request_id = req.id
+        try:
+            await self.serve_request(req.endpoint, req.payload, req.id, functools.partial(self._send, conn),
+                                     control)
+        finally:
+            conn.requests.pop(req.id, None)
+
+    async def serve_request(self, endpoint_name: str, payload: Any, request_id: str, send_frame: SendFrame,
+                            control: RequestControl) -> None:
+        """Run one request, whatever plane carried it, and answer through ``send_frame``:
+        ``data`` per item, then ``end`` or one ``error``. Refuses new work while
+        shutting down (migratable), names the endpoints on an unknown one, keeps
+        the in-flight table, and turns cancellation into the right error:
+        ``control.cancel(reason)`` with "client cancelled" (error ``cancelled``),
+        "client disconnected" (nothing sent: nobody listens) or anything else
+        (``shutting_down``, migratable). The caller runs it in a task of its own."""
+        req = Request(request_id, endpoint_name, payload)
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        observed: float | None = None  # when the observer was told it started
+        outcome: tuple[str, str | None] = ("cancelled", None)  # unless it gets to its end
         try:
             if not self.lifecycle.accepting:
-                await self._send_error(conn, request_id, "shutting_down",
-                                       "worker is shutting down; retry on another instance", migratable=True)
+                await send_frame(Error(request_id, "shutting_down",
+                                       "worker is shutting down; retry on another instance", True))
                 return
             handler = self.handlers.endpoints.get(req.endpoint)
             if handler is None:
                 known = ", ".join(sorted(self.handlers.endpoints))
-                await self._send_error(conn, request_id, "not_found",
-                                       f"unknown endpoint {req.endpoint!r}; this worker serves: {known}")
+                await send_frame(Error(request_id, "not_found",
+                                       f"unknown endpoint {req.endpoint!r}; this worker serves: {known}"))
                 return
             self.inflight.add(request_id, control)
             _log.info("request.started", endpoint=req.endpoint)
+            if self.observer is not None:
+                self.observer.started(req.endpoint)
+                observed = time.monotonic()
             error: Error | None = None
             with control.scope:
                 try:
                     async def emit(item: Any) -> None:
-                        await self._send(conn, Data(request_id, item))
+                        await send_frame(Data(request_id, item))
 
                     await handler(req.payload, emit, request_id)
                 except RequestError as exc:
@@ -240,21 +298,32 @@ class EndpointServer:
                     error = Error(request_id, "internal", f"{type(exc).__name__}: {exc}", False)
             if control.scope.cancelled_caught:
                 reason = control.reason or "cancelled"
-                _log.info("request.aborted", reason=reason)
+                _log.info("request.aborted", reason=reason, message=f"Aborted Request ID: {request_id}")
                 if reason != "client disconnected":
                     error = Error(request_id, "cancelled" if reason == "client cancelled" else "shutting_down",
                                   f"request {reason}", reason != "client cancelled")
+            if control.scope.cancelled_caught:
+                outcome = ("cancelled", None)
+            elif error is not None:
+                outcome = ("error", error.code)
+            else:
+                outcome = ("ok", None)
             if error is not None:
                 _log.info("request.finished", status="error", code=error.code)
-                await self._send(conn, error)
+                await send_frame(error)
             else:
                 _log.info("request.finished", status="ok")
-                await self._send(conn, End(request_id))
+                await send_frame(End(request_id))
         finally:
-            conn.requests.pop(request_id, None)
             self.inflight.remove(request_id)
+            if observed is not None and self.observer is not None:
+                self.observer.finished(req.endpoint, outcome[0], time.monotonic() - observed, outcome[1])
 
     # -- registration ----------------------------------------------------------
+    @property
+    def bound_port(self) -> int:
+        return self.bound.port if self.bound is not None else 0
+
     def record(self) -> InstanceRecord:
         info = self.engine.info
         runtime: dict[str, Any] = {}
@@ -269,14 +338,15 @@ class EndpointServer:
                 "context_length": info.max_model_len,
                 "data_parallel_start_rank": 0,
                 "data_parallel_size": 1,
+                "lora_adapters": self.handlers.loras.names(),
             }
         return InstanceRecord(
             namespace=self.namespace,
             component=self.component,
             endpoint=self.endpoint,
             instance_id=self.instance_id,
-            transport="tcp",
-            address=f"{self.advertise_host}:{self.bound.port}",
+            transport=self.request_plane,
+            address=self.nats.subject if self.nats is not None else f"{self.advertise_host}:{self.bound_port}",
             model=model,
             runtime_config=runtime,
             pid=os.getpid(),
@@ -285,7 +355,7 @@ class EndpointServer:
     async def _registrar(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         await self.engine.wait_ready()
         reg = self.registration
-        if not self.lifecycle.accepting:
+        if not self.lifecycle.accepting or reg.asleep:
             task_status.started()
             await trio.sleep_forever()
         reg.record = self.record()
@@ -301,7 +371,32 @@ class EndpointServer:
                     await self.discovery.refresh(reg.record, reg.ttl)
         finally:
             with ctx.cleanup_scope():
-                await self._deregister()
+                try:
+                    await self._deregister()
+                finally:
+                    await self.discovery.aclose()  # its connection; the next registrar opens another
+
+    async def suspend(self) -> None:
+        """Sleep: leave discovery; the registrar will not come back on its own."""
+        self.registration.asleep = True
+        await self._deregister()
+
+    async def resume(self) -> None:
+        """Wake up: register again (raises if discovery refuses; then still asleep)."""
+        reg = self.registration
+        reg.record = self.record()
+        await self.discovery.register(reg.record, reg.ttl)
+        reg.registered = True
+        reg.asleep = False
+        _log.info("endpoint.registered", key=reg.record.key, address=reg.record.address,
+                  discovery=self.discovery.name)
+
+    async def announce(self) -> None:
+        """Re-publish the record (LoRA adapters changed)."""
+        reg = self.registration
+        if reg.registered:
+            reg.record = self.record()
+            await self.discovery.register(reg.record, reg.ttl)
 
     async def _deregister(self) -> None:
         reg = self.registration

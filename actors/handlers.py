@@ -197,35 +197,115 @@ class Inflight:
 
     requests: dict[str, RequestControl] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
+    last_activity: float | None = None  # trio clock; for the health canary
 
     def add(self, request_id: str, control: RequestControl) -> None:
         self.requests[request_id] = control
+        self.last_activity = trio.current_time()
 
     def remove(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+        self.last_activity = trio.current_time()
         self.changed.set()
         self.changed = trio.Event()
+
+    def idle_for(self) -> float:
+        now = trio.current_time()
+        if self.last_activity is None:
+            self.last_activity = now
+        return 0.0 if self.requests else now - self.last_activity
+
+    def touch(self) -> None:
+        self.last_activity = trio.current_time()
 
     async def wait_empty(self) -> None:
         while self.requests:
             await self.changed.wait()
 
 
+@dataclass(frozen=True)
+class LoraAdapter:
+    name: str
+    lora_id: int
+    path: str
+
+
+class LoraRegistry:
+    """Loaded LoRA adapters. One lock per adapter name; ids are never reused."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._next_id = 1
+
+    def lock(self, name: str) -> trio.Lock:
+        return self._locks.setdefault(name, trio.Lock())
+
+    def new_id(self) -> int:
+        lora_id, self._next_id = self._next_id, self._next_id + 1
+        return lora_id
+
+    def names(self) -> list[str]:
+        return sorted(self.adapters)
+
+
+def _lora_path(source: Any) -> str:
+    if not isinstance(source, Mapping) or not isinstance(source.get("uri"), str):
+        raise invalid("source must be an object with a uri (file:///path/to/adapter)")
+    uri: str = source["uri"]
+    if uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+    elif "://" in uri:
+        raise invalid(f"source.uri {uri!r}: only file:// adapters can be loaded here")
+    else:
+        path = uri
+    import os
+
+    if not os.path.isdir(path):
+        raise invalid(f"source.uri {uri!r}: no adapter directory at {path}")
+    return path
+
+
 class Handlers:
     """The endpoint table for one worker."""
 
-    def __init__(self, engine: EngineRef, *, role: str = "agg") -> None:
+    def __init__(self, engine: EngineRef, *, role: str = "agg", enable_lora: bool = False) -> None:
         self.engine = engine
         self.role = role
+        self.loras = LoraRegistry()
+        self.asleep = False
+        self._sleep_lock = trio.Lock()
         self.endpoints: dict[str, Handler] = {
             "generate": self.generate,
             "clear_kv_blocks": self.clear_kv_blocks,
+            "sleep": self.sleep,
+            "wake_up": self.wake_up,
         }
+        if enable_lora:
+            self.endpoints.update(
+                {"load_lora": self.load_lora, "unload_lora": self.unload_lora, "list_loras": self.list_loras}
+            )
+        # set by the endpoint server: deregister/register around sleep
+        self.on_sleep: Callable[[], Awaitable[None]] | None = None
+        self.on_wake: Callable[[], Awaitable[None]] | None = None
+        self.on_lora_change: Callable[[], Awaitable[None]] | None = None
 
     async def info(self) -> EngineInfo:
         return await self.engine.wait_ready()
 
     async def generate(self, payload: Any, emit: Emit, request_id: str) -> None:
+        request = await self.prepare(payload, request_id)
+        try:
+            async with self.engine.generate(request) as stream:
+                async for out in stream:
+                    await emit(step_item(out))
+        except EngineDead as exc:
+            raise RequestError("engine_dead", str(exc), migratable=True) from None
+        except RequestFailed as exc:
+            raise RequestError("invalid_request", str(exc)) from None
+
+    async def prepare(self, payload: Any, request_id: str) -> EngineRequest:
+        """Validate a token-mode request and turn it into an engine request."""
         info = await self.info()
         tokens = token_ids_of(payload)
         if len(tokens) >= info.max_model_len:
@@ -246,6 +326,17 @@ class Handlers:
                     extra["kv_transfer_params"] = params
         if extra:
             sampling["extra_args"] = extra
+        lora: tuple[str, int, str] | None = None
+        model = payload.get("model")
+        if model is not None and model != info.model:
+            adapter = self.loras.adapters.get(model) if isinstance(model, str) else None
+            if adapter is None:
+                raise RequestError(
+                    "not_found",
+                    f"unknown model or LoRA adapter {model!r}; this worker serves {info.model!r} "
+                    f"and adapters {self.loras.names()}",
+                )
+            lora = (adapter.name, adapter.lora_id, adapter.path)
         routing = _section(payload, "routing")
         annotations = payload.get("annotations") or []
         if not isinstance(annotations, list):
@@ -258,15 +349,9 @@ class Handlers:
             annotations=[str(a) for a in annotations],
             priority=int(routing.get("priority") or 0),
             dp_rank=routing.get("dp_rank"),
+            lora=lora,
         )
-        try:
-            async with self.engine.generate(request) as stream:
-                async for out in stream:
-                    await emit(step_item(out))
-        except EngineDead as exc:
-            raise RequestError("engine_dead", str(exc), migratable=True) from None
-        except RequestFailed as exc:
-            raise RequestError("invalid_request", str(exc)) from None
+        return request
 
     async def clear_kv_blocks(self, payload: Any, emit: Emit, request_id: str) -> None:
         try:
@@ -276,3 +361,98 @@ class Handlers:
         except RequestFailed as exc:
             raise RequestError("internal", str(exc)) from None
         await emit({"status": "success", "message": "KV cache cleared"})
+
+    # -- engine control ------------------------------------------------------
+    async def sleep(self, payload: Any, emit: Emit, request_id: str) -> None:
+        level = payload.get("level", 1) if isinstance(payload, Mapping) else 1
+        if isinstance(level, bool) or not isinstance(level, int) or level not in (1, 2):
+            raise invalid(f"level must be 1 or 2, got {level!r}")
+        async with self._sleep_lock:
+            if self.asleep:
+                await emit({"status": "ok", "message": "already asleep"})
+                return
+            if self.on_sleep is not None:
+                await self.on_sleep()
+            try:
+                await self.engine.call("sleep", level)
+            except (EngineDead, RequestFailed) as exc:
+                raise RequestError("internal", f"sleep failed: {exc}") from None
+            self.asleep = True
+        await emit({"status": "ok", "message": f"engine asleep (level {level}); on CPU this pauses "
+                                               "scheduling and drops the prefix cache, weights stay loaded"})
+
+    async def wake_up(self, payload: Any, emit: Emit, request_id: str) -> None:
+        tags = payload.get("tags") if isinstance(payload, Mapping) else None
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+            raise invalid("tags must be a list of strings")
+        async with self._sleep_lock:
+            if not self.asleep:
+                await emit({"status": "ok", "message": "already awake"})
+                return
+            try:
+                await self.engine.call("wake_up", tags)
+            except (EngineDead, RequestFailed) as exc:
+                raise RequestError("internal", f"wake_up failed: {exc}") from None
+            if self.on_wake is not None:
+                try:
+                    await self.on_wake()
+                except Exception as exc:
+                    # the engine is awake but unregistered: stay marked asleep so a retry re-registers
+                    raise RequestError("internal", f"re-register failed, still marked asleep: {exc}") from None
+            self.asleep = False
+        await emit({"status": "ok", "message": "engine awake"})
+
+    # -- LoRA ----------------------------------------------------------------
+    async def load_lora(self, payload: Any, emit: Emit, request_id: str) -> None:
+        if not isinstance(payload, Mapping) or not isinstance(payload.get("lora_name"), str):
+            raise invalid("load_lora needs lora_name (string) and source {uri}")
+        name: str = payload["lora_name"]
+        path = _lora_path(payload.get("source"))
+        async with self.loras.lock(name):
+            existing = self.loras.adapters.get(name)
+            if existing is not None:
+                await emit({"status": "success", "message": f"LoRA {name!r} already loaded",
+                            "lora_name": name, "lora_id": existing.lora_id})
+                return
+            info = await self.info()
+            limit = max(0, info.max_loras - 1)  # the last slot stays empty (vLLM mixed-batch bug)
+            if len(self.loras.adapters) >= limit:
+                raise RequestError("resource_exhausted", f"at most {limit} LoRA adapters can be loaded "
+                                   f"(max_loras {info.max_loras}, one slot kept free); loaded: {self.loras.names()}")
+            adapter = LoraAdapter(name, self.loras.new_id(), path)
+            try:
+                await self.engine.call("add_lora", (adapter.name, adapter.lora_id, adapter.path))
+            except (EngineDead, RequestFailed) as exc:
+                raise RequestError("invalid_request", f"loading LoRA {name!r} failed: {exc}") from None
+            self.loras.adapters[name] = adapter
+            if self.on_lora_change is not None:
+                try:
+                    await self.on_lora_change()
+                except Exception as exc:  # announce failed: roll the engine back too
+                    del self.loras.adapters[name]
+                    with trio.CancelScope(shield=True):
+                        await self.engine.call("remove_lora", adapter.lora_id)
+                    raise RequestError("internal", f"LoRA {name!r} loaded but registering it failed "
+                                       f"({exc}); rolled back") from None
+        await emit({"status": "success", "message": f"LoRA {name!r} loaded", "lora_name": name,
+                    "lora_id": adapter.lora_id})
+
+    async def unload_lora(self, payload: Any, emit: Emit, request_id: str) -> None:
+        if not isinstance(payload, Mapping) or not isinstance(payload.get("lora_name"), str):
+            raise invalid("unload_lora needs lora_name (string)")
+        name: str = payload["lora_name"]
+        async with self.loras.lock(name):
+            adapter = self.loras.adapters.get(name)
+            if adapter is None:
+                raise RequestError("not_found", f"LoRA {name!r} is not loaded; loaded: {self.loras.names()}")
+            try:
+                await self.engine.call("remove_lora", adapter.lora_id)
+            except (EngineDead, RequestFailed) as exc:
+                raise RequestError("internal", f"unloading LoRA {name!r} failed: {exc}") from None
+            del self.loras.adapters[name]
+        await emit({"status": "success", "message": f"LoRA {name!r} unloaded", "lora_name": name,
+                    "lora_id": adapter.lora_id})
+
+    async def list_loras(self, payload: Any, emit: Emit, request_id: str) -> None:
+        loras = {a.name: a.lora_id for a in self.loras.adapters.values()}
+        await emit({"status": "success", "loras": loras, "count": len(loras)})

@@ -1,14 +1,18 @@
-"""The health monitor: asks the engine how it is every ``interval`` seconds.
+"""The health monitor: asks the engine how it is every ``interval`` seconds,
+and sends a canary request through it when the endpoint has been idle.
 
-An engine that says it is dead, or does not answer within ``timeout``, is
-declared dead through its :class:`EngineRef`; the engine actor is significant,
-so that takes the tree down (exit 1). The monitor itself holds no state that
-matters: killed, it just starts polling again.
+An engine that says it is dead, or does not answer ``check_health`` within
+``timeout``, is declared dead through its :class:`EngineRef`; the engine actor
+is significant, so that takes the tree down (exit 1). A failed canary marks the
+worker unhealthy (``/health`` 503); three in a row declare the engine dead. The
+monitor holds no state that matters: killed, it starts polling again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -16,8 +20,12 @@ from supervisor.errors import EngineDead, EngineUnhealthy
 from supervisor.tree import ActorContext, TaskStatus
 
 from .engine.actor import EngineRef
+from .handlers import Handlers, Inflight
+from .protocol import RequestError
 
-__all__ = ["HealthMonitor", "HealthStatus"]
+__all__ = ["Canary", "HealthMonitor", "HealthStatus"]
+
+CANARY_FAILURES_FATAL = 3
 
 
 @dataclass
@@ -27,7 +35,28 @@ class HealthStatus:
 
     healthy: bool = False
     checks: int = 0
+    canaries: int = 0
+    canary_failures: int = 0
     last_error: str | None = None
+
+
+@dataclass
+class Canary:
+    """A small real request sent when the endpoint has been idle for ``wait``
+    seconds: the BOS token, greedy, one token (or ``payload``)."""
+
+    handlers: Handlers
+    inflight: Inflight
+    wait: float = 10.0
+    timeout: float = 3.0
+    payload: Mapping[str, Any] | None = None
+    sent: int = field(default=0)
+
+    def request(self, bos: int | None) -> dict[str, Any]:
+        if self.payload is not None:
+            return dict(self.payload)
+        return {"token_ids": [bos if bos is not None else 1], "sampling_options": {"temperature": 0.0},
+                "stop_conditions": {"max_tokens": 1}}
 
 
 class HealthMonitor:
@@ -38,17 +67,21 @@ class HealthMonitor:
         *,
         interval: float = 2.0,
         timeout: float = 3.0,
+        canary: Canary | None = None,
     ) -> None:
         self.engine = engine
         self.status = status
         self.interval = interval
         self.timeout = timeout
+        self.canary = canary
 
     async def run(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         await self.engine.wait_ready()
         task_status.started()
         while True:
-            await self.check_once(ctx)
+            canary = self.canary
+            if await self.check_once(ctx) and canary is not None and canary.inflight.idle_for() >= canary.wait:
+                await self.send_canary(ctx, canary)
             await trio.sleep(self.interval)
 
     async def check_once(self, ctx: ActorContext) -> bool:
@@ -62,13 +95,48 @@ class HealthMonitor:
             error = EngineUnhealthy(f"engine did not answer check_health within {self.timeout}s")
         self.status.checks += 1
         if error is None:
-            if not self.status.healthy:
-                ctx.log.info("health.ok")
-            self.status.healthy = True
-            self.status.last_error = None
+            # a failing canary keeps the worker unhealthy until a canary passes
+            if self.status.canary_failures == 0:
+                if not self.status.healthy:
+                    ctx.log.info("health.ok")
+                self.status.healthy = True
+                self.status.last_error = None
             return True
         self.status.healthy = False
         self.status.last_error = str(error)
         ctx.log.error("health.engine_dead", error=str(error))
         self.engine.declare_dead(error)
+        return False
+
+    async def send_canary(self, ctx: ActorContext, canary: Canary) -> bool:
+        canary.sent += 1
+        self.status.canaries += 1
+        request_id = f"health-canary-{canary.sent}"
+        info = self.engine.info
+        problem: str | None = None
+        with trio.move_on_after(canary.timeout) as scope:
+            try:
+                request = await canary.handlers.prepare(canary.request(info.bos_token_id if info else None),
+                                                        request_id)
+                async with self.engine.generate(request) as stream:
+                    got = [out async for out in stream]
+                if not got or got[-1].finish_reason is None:
+                    problem = "canary ended without a finish reason"
+            except (RequestError, EngineDead) as exc:
+                problem = f"canary failed: {exc}"
+        if scope.cancelled_caught:
+            problem = f"canary got no answer within {canary.timeout}s"
+        canary.inflight.touch()
+        ctx.log.info("health.canary", ok=problem is None, request_id=request_id, error=problem)
+        if problem is None:
+            self.status.canary_failures = 0
+            self.status.healthy = True
+            self.status.last_error = None
+            return True
+        self.status.canary_failures += 1
+        self.status.healthy = False
+        self.status.last_error = problem
+        ctx.log.warning("health.canary_failed", error=problem, failures=self.status.canary_failures)
+        if self.status.canary_failures >= CANARY_FAILURES_FATAL:
+            self.engine.declare_dead(EngineUnhealthy(f"{self.status.canary_failures} canaries failed: {problem}"))
         return False

@@ -8,6 +8,8 @@ control, LoRA) without knowing about each other.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,9 @@ from starlette.routing import BaseRoute, Route
 from supervisor.http import BoundSocket, serve_asgi
 from supervisor.signals import Lifecycle
 from supervisor.tree import ActorContext, ActorRegistry, TaskStatus
+
+from .handlers import Handler
+from .protocol import RequestError
 
 __all__ = ["ReadinessCheck", "SystemRoutes", "SystemServer"]
 
@@ -38,6 +43,36 @@ class SystemRoutes:
 
     def add(self, path: str, endpoint: Endpoint, methods: list[str]) -> None:
         self.routes.append(Route(path, endpoint, methods=methods))
+
+    def add_handler(self, path: str, handler: Handler, methods: list[str],
+                    payload_from_path: str | None = None) -> None:
+        """Expose a request-plane handler on the system port: the JSON body is
+        the payload (plus ``payload_from_path`` from the URL), the last item
+        the handler emits is the answer, a RequestError is a 4xx/5xx."""
+
+        async def endpoint(request: Request) -> Response:
+            raw = await request.body()
+            try:
+                payload: Any = json.loads(raw) if raw.strip() else {}
+            except ValueError as exc:
+                return JSONResponse({"status": "error", "message": f"body is not JSON: {exc}"}, status_code=400)
+            if payload_from_path is not None:
+                if not isinstance(payload, dict):
+                    payload = {}
+                payload[payload_from_path] = request.path_params[payload_from_path]
+            items: list[Any] = []
+
+            async def emit(item: Any) -> None:
+                items.append(item)
+
+            try:
+                await handler(payload, emit, f"system-{uuid.uuid4().hex[:12]}")
+            except RequestError as exc:
+                status = {"not_found": 404, "invalid_request": 400, "resource_exhausted": 429}.get(exc.code, 500)
+                return JSONResponse({"status": "error", "code": exc.code, "message": exc.message}, status_code=status)
+            return JSONResponse(items[-1] if items else {"status": "ok"})
+
+        self.add(path, endpoint, methods)
 
 
 class SystemServer:

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 import structlog
 import trio
 
+from .aio import open_asyncio_loop
 from .config import Config, parse_args
-from .errors import ConfigError, Escalation
-from .logs import setup_logging
+from .errors import ConfigError, Escalation, StartFailed
+from .logs import route_vllm_logs, setup_logging
+from .prometheus_env import prepare_multiproc_dir
+from .reaper import start_reaper
 from .roles import Tree, build_tree
 from .signals import watch_signals
 from .tree import run_supervised
@@ -28,22 +31,31 @@ EXIT_USAGE = 2
 _log = structlog.get_logger("supervisor.cli")
 
 
-def _apply_process_defaults() -> None:
+def _apply_process_defaults(config: Config) -> None:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if config.engine == "vllm":
+        # CPU vLLM on this kind of machine: no hub, loopback only, a bounded KV cache.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        route_vllm_logs(config.log_level)
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if "kv_cache_memory_bytes" not in config.engine_args:
+            # whole GiB; unset, vLLM takes 7 GiB and 15 s to set it up. It overrides
+            # kv_cache_memory_bytes, so only when that is not given.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 async def run_tree(tree: Tree) -> int:
     """Run until a signal (exit 0) or an escalation (exit 1)."""
     status = EXIT_OK
-    async with trio.open_nursery() as nursery:
+    async with open_asyncio_loop(), trio.open_nursery() as nursery:
         with trio.CancelScope() as tree_scope:
             await nursery.start(watch_signals, tree.lifecycle, tree_scope)
             nursery.start_soon(_log_task_tree_on_sigusr1)
             try:
                 await run_supervised(tree.root_spec, tree.registry)
-            except Escalation as exc:
-                cause = exc.root_cause()
+            except (Escalation, StartFailed) as exc:  # StartFailed: e.g. a plane's server unreachable at start
+                cause = exc.root_cause() if isinstance(exc, Escalation) else exc.__cause__
                 _log.error("worker.failed", error=str(exc),
                            cause=f"{type(cause).__name__}: {cause}" if cause else None)
                 await tree.lifecycle.fail(str(exc))
@@ -51,7 +63,7 @@ async def run_tree(tree: Tree) -> int:
         if tree_scope.cancelled_caught:
             _log.info("worker.stopped", phase=tree.lifecycle.phase.value)
         nursery.cancel_scope.cancel(reason="worker exiting")
-    tree.system_socket.close()
+    tree.close()
     return status
 
 
@@ -75,19 +87,38 @@ def _task_tree() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config import run_config_actions
+
     args = list(sys.argv[1:] if argv is None else argv)
+    # before parsing: parsing imports vLLM, which imports prometheus_client
+    metrics_dir = prepare_multiproc_dir()
     try:
         config: Config = parse_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SystemExit as exc:  # --help printed both groups of flags
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     setup_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
-    _apply_process_defaults()
+    _log.debug("metrics.multiproc_dir", path=str(metrics_dir.path), created=metrics_dir.created,
+               temporary=metrics_dir.temporary, too_late=metrics_dir.late)
+    for warning in config.warnings:
+        _log.warning("config.warning", detail=warning)
+    try:
+        if run_config_actions(config):  # --check-config: valid, dumped if asked, nothing started
+            _log.info("config.valid", role=config.role, engine=config.engine, dump=config.dump_config_to)
+            return EXIT_OK
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _apply_process_defaults(config)
     try:
         tree = build_tree(config)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if config.engine == "vllm":
+        start_reaper()  # vLLM's processes must not outlive us, even on SIGKILL
     _log.info("worker.starting", role=config.role, engine=config.engine, namespace=config.namespace,
               component=config.component, pid=os.getpid())
     status = trio.run(run_tree, tree)

@@ -1,21 +1,32 @@
 """Calling workers: find instances through discovery, call an endpoint over the
-TCP request plane, stream the answer, cancel on exit.
+TCP or NATS request plane, stream the answer, cancel on exit.
 
 Library::
 
-    async with Call(address, "generate", payload) as call:
+    async with Call(address, "generate", payload) as call:          # TCP: host:port
         async for item in call:
             ...
+    async with NatsCall(subject, "generate", payload, servers=[...]) as call:   # NATS
+        ...
+    async with open_call(record, "generate", payload) as call:      # either, from a discovery record
+        ...
+
+NATS (and etcd discovery) are asyncio libraries: run inside
+``supervisor.aio.open_asyncio_loop()``.
 
 CLI (prints one JSON line per item; Ctrl-C cancels the request)::
 
     python -m supervisor.client --endpoint dynamo.backend.generate --payload '{"token_ids": [1, 2]}'
+    NATS_SERVER=nats://127.0.0.1:4222 python -m supervisor.client --discovery-backend nats --payload ...
+    ETCD_ENDPOINTS=http://127.0.0.1:2379 python -m supervisor.client --discovery-backend etcd --payload ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -24,11 +35,25 @@ from types import TracebackType
 from typing import Any
 
 import trio
+import trio_asyncio
 
-from actors.protocol import Cancel, Data, End, Error, FrameReader, Request, encode_frame
-from supervisor.planes.discovery import FileDiscovery, InstanceRecord
+from actors.protocol import (
+    Cancel,
+    Data,
+    End,
+    Error,
+    FrameError,
+    FrameReader,
+    Request,
+    decode_body,
+    encode_body,
+    encode_frame,
+)
+from supervisor.aio import open_asyncio_loop
+from supervisor.planes.discovery import Discovery, FileDiscovery, InstanceRecord, MemDiscovery
+from supervisor.planes.servers import ServerUnavailable, close_nats, connect_nats, split_urls
 
-__all__ = ["Call", "CallError", "find_instances", "main"]
+__all__ = ["Call", "CallError", "NatsCall", "find_instances", "main", "make_discovery", "open_call"]
 
 
 class CallError(Exception):
@@ -109,9 +134,162 @@ class Call:
         return [item async for item in self]
 
 
+NO_RESPONDERS = "503"
+
+
+class NatsCall:
+    """One request on the NATS request plane: the Request frame goes to the
+    worker's subject with a fresh reply inbox; Data/Error/End frames come back
+    on the inbox. Leaving the block early publishes a Cancel frame to the
+    worker's subject. Same iteration interface as :class:`Call`.
+
+    ``connection`` reuses a connected nats-py client (else one is opened from
+    ``servers`` and closed on exit). NATS cannot tell a silent worker from a
+    slow one: ``idle_timeout`` (seconds between frames) bounds the wait.
+    """
+
+    def __init__(self, subject: str, endpoint: str, payload: Any, *, servers: Sequence[str] | str | None = None,
+                 connection: Any = None, request_id: str | None = None, idle_timeout: float | None = None) -> None:
+        self.subject = subject
+        self.endpoint = endpoint
+        self.payload = payload
+        self.servers = split_urls(servers) or split_urls(os.environ.get("NATS_SERVER")) or ["nats://localhost:4222"]
+        self.request_id = request_id or uuid.uuid4().hex
+        self.idle_timeout = idle_timeout
+        self._given = connection
+        self._nc: Any = None
+        self._sub: Any = None
+        self._send, self._recv = trio.open_memory_channel[Any](math.inf)
+        self.done = False
+
+    async def __aenter__(self) -> NatsCall:
+        aio = trio_asyncio.aio_as_trio
+        self._nc = self._given or await connect_nats(self.servers, name="client")
+        try:
+            send = self._send
+
+            async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
+                try:
+                    send.send_nowait(msg)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+            inbox = self._nc.new_inbox()
+            self._sub = await aio(self._nc.subscribe)(inbox, cb=on_message)
+            body = encode_body(Request(self.request_id, self.endpoint, self.payload))
+            await aio(self._nc.publish)(self.subject, body, reply=inbox)
+            await aio(self._nc.flush)()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        aio = trio_asyncio.aio_as_trio
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            try:
+                if not self.done and not nc.is_closed:
+                    await aio(nc.publish)(self.subject, encode_body(Cancel(self.request_id)))
+                    await aio(nc.flush)()
+                if self._sub is not None and not nc.is_closed:
+                    await aio(self._sub.unsubscribe)()
+            except Exception:  # the connection is gone: the worker sees no cancel, nothing more to do
+                pass
+            finally:
+                self._recv.close()
+                if self._given is None:
+                    await close_nats(nc)
+
+    def __aiter__(self) -> NatsCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self.done:
+                raise StopAsyncIteration
+            try:
+                with trio.fail_after(self.idle_timeout if self.idle_timeout is not None else math.inf):
+                    msg = await self._recv.receive()
+            except trio.TooSlowError:
+                self.done = True
+                raise CallError("timeout", f"no answer from {self.subject} for {self.idle_timeout:g}s",
+                                True) from None
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                self.done = True
+                raise CallError("disconnected", "the call was closed", True) from None
+            if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+                self.done = True
+                raise CallError("no_responders", f"no worker serves {self.subject} (it is gone or not started)",
+                                True)
+            try:
+                frame = decode_body(msg.data)
+            except FrameError as exc:
+                self.done = True
+                raise CallError("invalid_frame", str(exc), False) from None
+            if not (frame.id == self.request_id or (isinstance(frame, Error) and frame.id == "")):
+                continue
+            if isinstance(frame, Data):
+                return frame.payload
+            if isinstance(frame, Error):
+                self.done = True
+                raise CallError(frame.code, frame.message, frame.migratable)
+            if isinstance(frame, End):
+                self.done = True
+                raise StopAsyncIteration
+
+    async def collect(self) -> list[Any]:
+        return [item async for item in self]
+
+
+def open_call(record: InstanceRecord, endpoint: str, payload: Any, *,
+              nats_servers: Sequence[str] | str | None = None, nats_connection: Any = None,
+              request_id: str | None = None) -> Call | NatsCall:
+    """A call to the instance a discovery record describes, on its transport."""
+    if record.transport == "nats":
+        return NatsCall(record.address, endpoint, payload, servers=nats_servers, connection=nats_connection,
+                        request_id=request_id)
+    if record.transport == "tcp":
+        return Call(record.address, endpoint, payload, request_id=request_id)
+    raise ValueError(f"instance {record.key}: unknown transport {record.transport!r}")
+
+
+def make_discovery(backend: str = "file", *, directory: Path | None = None,
+                   nats_servers: Sequence[str] | str | None = None,
+                   etcd_endpoints: Sequence[str] | str | None = None) -> Discovery:
+    """A discovery client; server addresses default to NATS_SERVER / ETCD_ENDPOINTS."""
+    from supervisor.planes.servers import etcd_endpoints_for, nats_servers_for
+
+    if backend == "file":
+        return FileDiscovery(directory)
+    if backend == "mem":
+        return MemDiscovery()
+    if backend == "etcd":
+        from supervisor.planes.discovery_etcd import EtcdDiscovery
+
+        return EtcdDiscovery(split_urls(etcd_endpoints) or etcd_endpoints_for())
+    if backend == "nats":
+        from supervisor.planes.discovery_nats import NatsDiscovery
+
+        return NatsDiscovery(split_urls(nats_servers) or nats_servers_for())
+    raise ValueError(f"unknown discovery backend {backend!r} (file, etcd, nats)")
+
+
 async def find_instances(
-    namespace: str, component: str, endpoint: str, *, directory: Path | None = None
+    namespace: str, component: str, endpoint: str, *, directory: Path | None = None,
+    discovery: Discovery | None = None,
 ) -> list[InstanceRecord]:
+    """Registered instances of ``namespace.component.endpoint`` (file discovery unless
+    a ``discovery`` is given; it is left open for the caller to close)."""
+    if discovery is not None:
+        return await discovery.list(namespace, component, endpoint)
     return await FileDiscovery(directory).list(namespace, component, endpoint)
 
 
@@ -124,30 +302,47 @@ def _parse_endpoint(text: str) -> tuple[str, str, str]:
 
 
 async def _cli(args: argparse.Namespace) -> int:
+    async with open_asyncio_loop():  # nats-py and aetcd run on it
+        return await _cli_call(args)
+
+
+async def _cli_call(args: argparse.Namespace) -> int:
     namespace, component, endpoint = _parse_endpoint(args.endpoint)
-    address = args.address
-    if address is None:
-        found = await find_instances(namespace, component, endpoint,
-                                     directory=Path(args.discovery_dir) if args.discovery_dir else None)
-        if not found:
-            print(f"error: no instance of {namespace}.{component}.{endpoint} is registered", file=sys.stderr)
-            return 1
-        address = found[0].address
     try:
         payload = json.loads(args.payload)
     except ValueError as exc:
         print(f"error: --payload is not JSON: {exc}", file=sys.stderr)
         return 2
+    if args.address is not None:
+        record = InstanceRecord(namespace, component, endpoint, "", "tcp", args.address, "")
+    elif args.subject is not None:
+        record = InstanceRecord(namespace, component, endpoint, "", "nats", args.subject, "")
+    else:
+        discovery = make_discovery(args.discovery_backend,
+                                   directory=Path(args.discovery_dir) if args.discovery_dir else None,
+                                   nats_servers=args.nats_server, etcd_endpoints=args.etcd_endpoints)
+        try:
+            found = await find_instances(namespace, component, endpoint, discovery=discovery)
+        except ServerUnavailable as exc:
+            print(f"error: {args.discovery_backend} discovery: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await discovery.aclose()
+        if not found:
+            print(f"error: no instance of {namespace}.{component}.{endpoint} is registered "
+                  f"({args.discovery_backend} discovery)", file=sys.stderr)
+            return 1
+        record = found[0]
     try:
-        async with Call(address, endpoint, payload) as call:
+        async with open_call(record, endpoint, payload, nats_servers=args.nats_server) as call:
             async for item in call:
                 print(json.dumps(item), flush=True)
     except CallError as exc:
         print(json.dumps({"error": exc.code, "message": exc.message, "migratable": exc.migratable}),
               file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot reach {address}: {exc}", file=sys.stderr)
+    except OSError as exc:  # ServerUnavailable included
+        print(f"error: cannot reach {record.address} ({record.transport}): {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -155,8 +350,16 @@ async def _cli(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor.client", description=__doc__.split("\n")[0])
     parser.add_argument("--endpoint", default="dynamo.backend.generate", help="namespace.component.endpoint")
-    parser.add_argument("--address", default=None, help="host:port, skipping discovery")
+    parser.add_argument("--address", default=None, help="host:port (TCP plane), skipping discovery")
+    parser.add_argument("--subject", default=None, help="a worker's NATS subject (NATS plane), skipping discovery")
+    parser.add_argument("--discovery-backend", choices=("file", "etcd", "nats"),
+                        default=os.environ.get("DYN_DISCOVERY_BACKEND") or "file",
+                        help="where workers registered [env DYN_DISCOVERY_BACKEND] (default: file)")
     parser.add_argument("--discovery-dir", default=None, help="file discovery directory")
+    parser.add_argument("--nats-server", default=None,
+                        help="NATS URL(s), comma-separated [env NATS_SERVER] (default: nats://localhost:4222)")
+    parser.add_argument("--etcd-endpoints", default=None,
+                        help="etcd URL(s), comma-separated [env ETCD_ENDPOINTS] (default: http://localhost:2379)")
     parser.add_argument("--payload", required=True, help="the request, as JSON")
     args = parser.parse_args(argv)
     try:

@@ -7,6 +7,7 @@ Standard-library loggers (vLLM's, hypercorn's) go through the same renderer.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from typing import Any, Literal, TextIO
@@ -96,3 +97,63 @@ def _one_line(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
+
+
+class ForeignJsonFormatter(logging.Formatter):
+    """JSON lines for stdlib loggers configured outside our process setup:
+    vLLM's, in the worker and in its engine-core processes (vLLM applies the
+    dictConfig at ``VLLM_LOGGING_CONFIG_PATH`` in every process it starts)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        import os
+
+        main_pid = os.environ.get("LLM_SUPERVISOR_MAIN_PID")
+        actor = "root/engine" if main_pid == str(os.getpid()) else "root/engine/core"
+        data: dict[str, Any] = {
+            "event": record.getMessage(),
+            "actor": actor,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": os.getpid(),
+            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def route_vllm_logs(level: str = "info") -> None:
+    """Make vLLM (here and in its child processes) log JSON lines through
+    :class:`ForeignJsonFormatter`, unless the user configured vLLM's logging."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    logging.Formatter.converter = time.gmtime
+    os.environ.setdefault("LLM_SUPERVISOR_MAIN_PID", str(os.getpid()))
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+        return
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "supervisor.logs.ForeignJsonFormatter"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
+        "loggers": {"vllm": {"handlers": ["stderr"], "level": level.upper(), "propagate": False}},
+    }
+    fd, path = tempfile.mkstemp(prefix="llm-supervisor-vllm-logging-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = path
+    atexit.register(_unlink_quietly, path)
+
+
+def _unlink_quietly(path: str) -> None:
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        os.unlink(path)

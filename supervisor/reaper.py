@@ -3,11 +3,15 @@
 vLLM 0.32 has no parent watch: its EngineCore, VLLM::Worker and resource
 tracker processes live on when the worker dies abruptly. PR_SET_PDEATHSIG is
 unreliable here (it fires when the creating *thread* exits, and trio retires
-idle worker threads). So the worker starts this small reaper process first. The
-worker marks its environment with a fresh instance id, which every process it
-starts inherits. The reaper polls its parent; once the worker is gone (for
-whatever reason) it terminates every process still carrying that id, then
-exits.
+idle worker threads). So the worker starts this small reaper process first.
+
+The reaper polls its parent. While the worker lives, it keeps a snapshot of the
+worker's descendants (once a worker dies, its children are re-parented and the
+tree is lost). Once the worker is gone, for whatever reason, it terminates the
+last snapshot, everything those processes started since, and every process
+still carrying the worker's instance id in its environment (vLLM renames its
+processes with setproctitle, which can clobber the environment, so the id alone
+is not enough), then exits.
 
     python -m supervisor.reaper WORKER_PID INSTANCE_ID
 """
@@ -60,10 +64,47 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def reap(instance: str, grace: float = 3.0) -> list[int]:
-    """SIGTERM every process of ``instance``, SIGKILL what is left after ``grace``."""
+Snapshot = dict[int, float]  # pid -> create time (guards against pid reuse)
+
+
+def descendants(pid: int) -> Snapshot:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    found: Snapshot = {}
+    for child in children:
+        try:
+            found[child.pid] = child.create_time()
+        except psutil.Error:
+            continue
+    return found
+
+
+def _still(snapshot: Snapshot) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid, created in snapshot.items():
+        try:
+            if psutil.Process(pid).create_time() == created:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def reap(instance: str, known: Snapshot | None = None, grace: float = 3.0) -> list[int]:
+    """SIGTERM every process of ``instance`` (and the ``known`` ones and their
+    descendants), SIGKILL what is left after ``grace``."""
     me = {os.getpid()}
-    targets = instance_processes(instance, me)
+    targets = set(instance_processes(instance, me))
+    for pid in _still(known or {}):
+        targets.add(pid)
+        targets.update(descendants(pid))
+    targets.discard(os.getpid())
     for pid in targets:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -72,21 +113,24 @@ def reap(instance: str, grace: float = 3.0) -> list[int]:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in targets):
         time.sleep(0.05)
-    for pid in instance_processes(instance, me):
+    for pid in [p for p in targets if _alive(p)] + instance_processes(instance, me):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return targets
+    return sorted(targets)
 
 
 def main(argv: list[str]) -> int:
     worker_pid, instance = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, not for us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    known: Snapshot = {}
     while os.getppid() == worker_pid:
+        known.update(descendants(worker_pid))
+        known.pop(os.getpid(), None)
         time.sleep(0.2)
-    reap(instance)
+    reap(instance, known)
     return 0
 
 

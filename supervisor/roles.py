@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import structlog
 
 from actors.endpoint import EndpointServer, Registration
 from actors.engine.actor import EngineActor, EngineRef
-from actors.engine.base import EngineBackend
+from actors.engine.base import EngineBackend, EngineInfo
 from actors.engine.synthetic import SyntheticEngine
 from actors.handlers import Handlers, Inflight
-from actors.health import HealthMonitor, HealthStatus
+from actors.health import Canary, HealthMonitor, HealthStatus
+from actors.http_front import ByteTokenizer, HfTokenizer, OpenAIFront, Tokenizer
+from actors.kv_events import KvEventsRelay, KvEventsState, kv_event_sources
+from actors.metrics import MetricsActor, WorkerMetrics, vllm_metrics_source
 from actors.system import SystemRoutes, SystemServer
 
 from .config import Config
 from .errors import ConfigError
 from .http import BoundSocket
 from .planes.discovery import Discovery, FileDiscovery, MemDiscovery
+from .planes.events import EventPublisher, make_event_publisher
+from .planes.servers import etcd_endpoints_for, nats_servers_for
 from .signals import Lifecycle
 from .tree import ActorRegistry, ChildSpec, Restart, Strategy, Supervisor
 
 ROOT = "root"
+_log = structlog.get_logger("supervisor.roles")
 
 
 @dataclass
@@ -37,9 +48,19 @@ class Tree:
     inflight: Inflight
     registration: Registration
     endpoint: EndpointServer | None = None
+    metrics: WorkerMetrics | None = None
+    events: EventPublisher | None = None
+    kv_events: KvEventsState | None = None
+
+    def close(self) -> None:
+        """Release what the process owns outside the actors (after the tree stopped)."""
+        self.system_socket.close()
+        if self.events is not None:
+            self.events.close()
 
 
-def make_backend(config: Config) -> EngineBackend:
+def make_backend(config: Config,
+                 stats_listener: Callable[[Any, Any, int], None] | None = None) -> EngineBackend:
     if config.engine == "synthetic":
         return SyntheticEngine(
             step_s=config.synthetic_step_ms / 1000.0,
@@ -53,7 +74,7 @@ def make_backend(config: Config) -> EngineBackend:
             from actors.engine.vllm_backend import VllmEngine
         except ImportError as exc:
             raise ConfigError(f"--engine vllm: vLLM is not importable ({exc}); install the [vllm] extra") from None
-        return VllmEngine(engine_args(config))
+        return VllmEngine(engine_args(config), stats_listener=stats_listener)
     raise ConfigError(f"--engine {config.engine}: unknown engine (vllm, synthetic)")
 
 
@@ -76,13 +97,52 @@ def make_discovery(config: Config) -> Discovery:
         return MemDiscovery()
     if backend == "file":
         return FileDiscovery()
-    raise ConfigError(f"--discovery-backend {backend}: not available yet (file, mem)")
+    if backend == "etcd":
+        from .planes.discovery_etcd import EtcdDiscovery
+
+        try:
+            return EtcdDiscovery(etcd_endpoints_for(config))
+        except ValueError as exc:
+            raise ConfigError(f"--discovery-backend etcd: {exc} (set ETCD_ENDPOINTS)") from None
+    if backend == "nats":
+        from .planes.discovery_nats import NatsDiscovery
+
+        return NatsDiscovery(nats_servers_for(config))
+    raise ConfigError(f"--discovery-backend {backend}: unknown (mem, file, etcd, nats)")
+
+
+def request_plane(config: Config) -> str:
+    """The request plane the endpoint server serves (NATS servers from NATS_SERVER)."""
+    plane = getattr(config, "request_plane", "tcp") or "tcp"
+    if plane not in ("tcp", "nats"):
+        raise ConfigError(f"--request-plane {plane}: not available yet (tcp, nats)")
+    return str(plane)
+
+
+def tokenizer_factory(config: Config) -> Callable[[], Tokenizer]:
+    if config.engine != "vllm":
+        return ByteTokenizer
+    template_path = getattr(config, "custom_jinja_template", None)
+
+    def load() -> Tokenizer:
+        template = Path(template_path).read_text() if template_path else None
+        return HfTokenizer(engine_args(config)["model"], template)
+
+    return load
 
 
 def serves_endpoints(config: Config) -> bool:
     """Non-leader data-parallel ranks run a degraded tree: no endpoints, no registration."""
     rank = getattr(config, "data_parallel_rank", None)
     return not rank
+
+
+def dp_ranks(config: Config) -> list[int]:
+    """The data-parallel ranks whose engines run in this process."""
+    rank = getattr(config, "data_parallel_rank", None)
+    if rank is not None:
+        return [int(rank)]
+    return list(range(max(1, int(getattr(config, "data_parallel_size", 1) or 1))))
 
 
 def build_tree(config: Config, registry: ActorRegistry | None = None,
@@ -98,22 +158,57 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
     routes.checks["engine"] = lambda: (engine.alive and health.healthy,
                                        "engine healthy" if health.healthy else "engine not healthy yet")
     system = SystemServer(system_socket, registry, lifecycle, routes, enable_chaos=config.enable_chaos)
+    # Owned here, above the actors, so their restarts lose nothing: the event
+    # plane socket, the metrics registry, the KV event positions and index.
+    instance_id = uuid.uuid4().hex[:16]
+    ranks = dp_ranks(config)
+    events = make_event_publisher(config)
+    sources = kv_event_sources(config.kv_events_config, ranks) if config.publishes_kv_events else []
+    kv_state = KvEventsState.for_sources(sources, namespace=config.namespace, worker_id=instance_id,
+                                         enable_index=config.enable_local_indexer) if sources else None
+    fallback_model = config.served_model_name or config.model or ""
+    metrics = WorkerMetrics(
+        namespace=config.namespace, component=config.component, endpoint=config.endpoint,
+        worker_id=instance_id, model=lambda: engine.info.model if engine.info is not None else fallback_model,
+        vllm_source=vllm_metrics_source() if config.engine == "vllm" else None, kv_events=kv_state,
+    )
+    registry.subscribe(metrics.on_actor_event)
+    metrics_actor = MetricsActor(metrics, engine, events, ranks=ranks)
+    metrics_actor.install(routes)
+
+    def engine_ready(info: EngineInfo) -> None:
+        try:
+            metrics.engine_ready(info, ranks)
+        except Exception:  # metrics must never take the engine down
+            _log.exception("metrics.engine_ready_failed")
+
+    inflight = Inflight()
+    handlers = Handlers(engine, role=config.role, enable_lora=bool(config.engine_args.get("enable_lora")))
+    monitor = HealthMonitor(engine, health, interval=config.health_check_interval,
+                            timeout=config.health_check_timeout)
+    if serves_endpoints(config):  # the canary goes through the endpoint's handlers
+        monitor.canary = Canary(handlers, inflight, wait=config.canary_wait_time,
+                                timeout=config.health_check_timeout, payload=config.health_check_payload)
     children = [
         # first up, last down: /live answers while everything else starts and stops
         ChildSpec("system", system.run, Restart.PERMANENT, shutdown=1.0),
-        ChildSpec("engine", EngineActor(make_backend(config), engine).run, Restart.TEMPORARY,
+        ChildSpec("engine", EngineActor(make_backend(config, metrics.engine_stats), engine,
+                                        on_ready=engine_ready).run, Restart.TEMPORARY,
                   shutdown=10.0, significant=True),
-        ChildSpec("health", HealthMonitor(engine, health, interval=config.health_check_interval,
-                                          timeout=config.health_check_timeout).run,
-                  Restart.PERMANENT, shutdown="brutal"),
+        ChildSpec("health", monitor.run, Restart.PERMANENT, shutdown="brutal"),
+        ChildSpec("metrics", metrics_actor.run, Restart.PERMANENT, shutdown=1.0),
     ]
-    inflight = Inflight()
+    if kv_state is not None:
+        children.append(ChildSpec("kv_events", KvEventsRelay(kv_state, events).run, Restart.PERMANENT, shutdown=1.0))
     registration = Registration()
     endpoint: EndpointServer | None = None
     if serves_endpoints(config):
+        if kv_state is not None and config.enable_local_indexer:
+            handlers.endpoints["kv_index"] = kv_state.kv_index
+        plane = request_plane(config)
         endpoint = EndpointServer(
-            Handlers(engine, role=config.role),
-            BoundSocket(config.system_host, getattr(config, "request_plane_port", 0) or 0),
+            handlers,
+            BoundSocket(config.system_host, getattr(config, "request_plane_port", 0) or 0) if plane == "tcp" else None,
             lifecycle,
             inflight,
             discovery=make_discovery(config),
@@ -122,11 +217,29 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
             endpoint=config.endpoint,
             engine=engine,
             registration=registration,
+            observer=metrics,
+            instance_id=instance_id,
+            request_plane=plane,
+            nats_servers=nats_servers_for(config),
         )
         children.append(endpoint.spec())
+        handlers.on_sleep, handlers.on_wake = endpoint.suspend, endpoint.resume
+        handlers.on_lora_change = endpoint.announce
+        routes.add_handler("/engine/sleep", handlers.sleep, ["POST"])
+        routes.add_handler("/engine/wake_up", handlers.wake_up, ["POST"])
+        if "list_loras" in handlers.endpoints:
+            routes.add_handler("/loras", handlers.list_loras, ["GET"])
+            routes.add_handler("/loras", handlers.load_lora, ["POST"])
+            routes.add_handler("/loras/{lora_name}", handlers.unload_lora, ["DELETE"], payload_from_path="lora_name")
         routes.checks["registered"] = lambda: (registration.registered, "not registered in discovery")
+        http_port = getattr(config, "http_port", None)
+        if http_port is not None:
+            front = OpenAIFront(BoundSocket(config.system_host, http_port), endpoint.handlers, engine,
+                                lifecycle, inflight, tokenizer_factory(config))
+            children.append(front.spec())
     # Non-engine children may restart often under chaos; a genuinely broken
     # one (crash loop) still escalates: 20 restarts within 1 s.
     root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)
     spec = ChildSpec(ROOT, root.run, shutdown="infinity")
-    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, registration, endpoint)
+    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, registration, endpoint,
+                metrics=metrics, events=events, kv_events=kv_state)

@@ -139,6 +139,7 @@ class ActorCell:
     kill_error: BaseException | None = None
     stopping: bool = False
     stop_reason: str | None = None
+    recent_failures: deque[float] = field(default_factory=deque)  # for backoff
     supervisor: Supervisor | None = None  # set when this child is itself a supervisor
 
     def snapshot(self) -> dict[str, Any]:
@@ -459,7 +460,14 @@ class Supervisor:
                 await self._stop_cells(list(reversed(others)), f"{self.strategy.value}: {cell.path} failed")
             for c in group:
                 c.state = ActorState.RESTARTING
-            delay = spec.backoff.delay(len(self._restart_times), self._rng)
+            # Back off only from the child's own crash loop. A deliberate kill
+            # (chaos, kill(path)) says nothing about a failing dependency.
+            delay = 0.0
+            if not isinstance(event.error, ActorKilled):
+                cell.recent_failures.append(now)
+                while cell.recent_failures and cell.recent_failures[0] < now - self.period:
+                    cell.recent_failures.popleft()
+                delay = spec.backoff.delay(len(cell.recent_failures), self._rng)
             if delay > 0:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._restart_later, group, delay)

@@ -38,14 +38,19 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
 class Worker:
     """``python -m supervisor ...`` with JSON logs captured to a file."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None) -> None:
+        """``env`` adds to the environment; a None value removes the variable."""
         self.tag = uuid.uuid4().hex
         self.log_path = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
-        full_env = {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
+        merged: dict[str, str | None] = {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {k: v for k, v in merged.items() if v is not None}
         self.args = [sys.executable, "-m", "supervisor", "--log-format", "json", *args]
         self._log_file = self.log_path.open("wb")
+        # its own session and process group: what it leaves behind is findable
+        # even after vLLM renames its processes (setproctitle clobbers environ)
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or REPO
+            self.args, stdout=self._log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or REPO,
+            start_new_session=True,
         )
         self._offset = 0
         self._events: list[dict[str, Any]] = []
@@ -77,7 +82,7 @@ class Worker:
                 raise AssertionError(f"no {name} event within {timeout}s:\n{self.tail()}")
             time.sleep(0.02)
 
-    def tail(self, n: int = 40) -> str:
+    def tail(self, n: int = 120) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     # -- the system port ---------------------------------------------------
@@ -95,7 +100,12 @@ class Worker:
         return httpx.post(self.url(path), timeout=timeout, **kw)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        wait_until(lambda: _status(self, "/ready") == 200, timeout, f"/ready 200\n{self.tail()}")
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before ready:\n{self.tail()}")
+            return _status(self, "/ready") == 200
+
+        wait_until(ready, timeout, lambda: f"/ready 200\n{self.tail()}")
 
     # -- ending ------------------------------------------------------------
     def signal(self, signum: int = signal.SIGTERM) -> None:
@@ -116,14 +126,25 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for proc in tagged_processes(self.tag):
+        for proc in self.processes():
             proc.kill()
         self._log_file.close()
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes of this worker: its environment tag, or its process group."""
+        found = {p.pid: p for p in tagged_processes(self.tag)}
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(proc.pid) == self.proc.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
+            except (psutil.Error, ProcessLookupError):
+                continue
+        return list(found.values())
 
     def leftovers(self, grace: float = 10.0) -> list[psutil.Process]:
         deadline = time.monotonic() + grace
         while True:
-            left = tagged_processes(self.tag)
+            left = self.processes()
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.1)
@@ -136,11 +157,12 @@ def _status(worker: Worker, path: str) -> int | None:
         return None
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(pred: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
         time.sleep(0.02)
 
 
@@ -152,3 +174,19 @@ def worker_fixture(*args: str, **kw: Any) -> Iterator[Worker]:
         worker.stop()
         left = worker.leftovers(grace=5.0)
         assert not left, f"processes left behind: {[p.pid for p in left]}"
+
+
+def free_port(low: int = 20000, high: int = 40000) -> int:
+    """A currently free loopback TCP port in the registered range (DYN_* ports must be 1024-49151)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")

@@ -116,7 +116,8 @@ class EngineRef:
 
     async def abort(self, request_id: str) -> None:
         await self._call("abort", request_id)
-        _log.info("request.aborted", request_id=request_id, message=f"Aborted Request ID: {request_id}")
+        # the engine's side of it; the endpoint logs request.aborted with the reason
+        _log.info("engine.aborted", request_id=request_id, message=f"Aborted Request ID: {request_id}")
 
     async def check_health(self) -> None:
         await self._call("check_health")

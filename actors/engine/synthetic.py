@@ -69,6 +69,7 @@ class SyntheticEngine:
         self._wakeup = trio.Event()
         self._dead: EngineDead | None = None
         self._hung = False
+        self._paused = False
         self._alive = False
         self.aborted: list[str] = []
         self.steps = 0
@@ -117,7 +118,7 @@ class SyntheticEngine:
                 raise self._dead
             if self._hung:
                 await trio.sleep_forever()
-            if not self._running:
+            if not self._running or self._paused:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
@@ -191,6 +192,18 @@ class SyntheticEngine:
 
     async def reset_prefix_cache(self) -> None:
         self.prefix_cache_resets += 1
+
+    async def sleep(self, level: int = 1) -> None:
+        """Like vLLM on CPU: pause scheduling, drop the prefix cache."""
+        self._paused = True
+        self.prefix_cache_resets += 1
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        self._paused = False
+        self._wakeup.set()
+
+    async def is_sleeping(self) -> bool:
+        return self._paused
 
     def _fail_all(self, error: BaseException) -> None:
         for run in self._running.values():

@@ -80,7 +80,7 @@ class _Forwarder:
         completion = output.outputs[0] if output.outputs else None
         token_ids = list(completion.token_ids) if completion is not None else []
         self.completion_tokens += len(token_ids)
-        step = StepOutput(token_ids=token_ids)
+        step = StepOutput(token_ids=token_ids, text=completion.text if completion is not None else None)
         if completion is not None and completion.logprobs:
             step.log_probs = []
             step.top_logprobs = []
@@ -101,8 +101,6 @@ class _Forwarder:
             step.completion_tokens = self.completion_tokens
             step.cached_tokens = int(output.num_cached_tokens or 0)
             step.kv_transfer_params = getattr(output, "kv_transfer_params", None)
-            if completion is not None:
-                step.text = completion.text
         return step
 
 
@@ -115,6 +113,15 @@ def _sampling_params(cls: Any, kwargs: dict[str, Any]) -> Any:
     if structured:
         params.structured_outputs = StructuredOutputsParams(**structured)
     return params
+
+
+def _lora_request(adapter: Any) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    name, lora_id, path = adapter
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
 
 
 def _map_error(exc: BaseException) -> BaseException:
@@ -273,7 +280,7 @@ class VllmEngine:
             request.request_id,
             {"prompt_token_ids": request.token_ids},
             sampling,
-            lora_request=request.lora,
+            lora_request=_lora_request(request.lora),
             priority=request.priority,
             data_parallel_rank=request.dp_rank,
         )
@@ -321,8 +328,8 @@ class VllmEngine:
     async def is_sleeping(self) -> bool:
         return bool(await self._aio("is_sleeping"))
 
-    async def add_lora(self, lora_request: Any) -> bool:
-        return bool(await self._aio("add_lora", lora_request))
+    async def add_lora(self, adapter: tuple[str, int, str]) -> bool:
+        return bool(await self._aio("add_lora", _lora_request(adapter)))
 
     async def remove_lora(self, lora_id: int) -> bool:
         return bool(await self._aio("remove_lora", lora_id))

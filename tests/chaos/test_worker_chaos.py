@@ -15,6 +15,8 @@ from tests.procs import Worker, wait_until, worker_fixture
 KILLS_PER_ACTOR = 10
 NON_ENGINE = (
     "root/health",
+    "root/metrics",
+    "root/kv_events",
     "root/system",
     "root/endpoint/listener",
     "root/endpoint/registrar",
@@ -27,6 +29,8 @@ STOP_ORDER = [
     "root/endpoint/listener",
     "root/endpoint/connections",
     "root/endpoint",
+    "root/kv_events",
+    "root/metrics",
     "root/health",
     "root/engine",
     "root/system",

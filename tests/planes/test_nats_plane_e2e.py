@@ -141,7 +141,7 @@ async def test_cancel_mid_stream_aborts_the_request(deployment: Deployment) -> N
         assert len(got) == 3 and "finish_reason" not in got[-1]
         # the endpoint saw the cancel, and the engine aborted the request
         await deployment.wait_event("request.aborted", request_id=request_id, reason="client cancelled")
-        await deployment.wait_event("request.aborted", request_id=request_id,
+        await deployment.wait_event("engine.aborted", request_id=request_id,
                                     message=f"Aborted Request ID: {request_id}")
         finished = await deployment.wait_event("request.finished", request_id=request_id)
         assert (finished["status"], finished["code"]) == ("error", "cancelled")

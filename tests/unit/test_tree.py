@@ -389,24 +389,34 @@ async def test_kill_unknown_path_is_refused_and_snapshot_lists_actors() -> None:
         n.cancel_scope.cancel()
 
 
-async def test_restart_backoff_delays_repeated_restarts() -> None:
-    """The first restart is immediate; later ones within the period wait."""
-    probe = Probe()
+async def test_restart_backoff_delays_a_crash_loop_but_not_kills() -> None:
+    """The first restart after a crash is immediate; later crashes within the
+    period wait. Deliberate kills (chaos) are restarted at once, always."""
+    starts = 0
+    crash = trio.Event()
+
+    async def flaky(ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal starts
+        starts += 1
+        task_status.started()
+        await crash.wait()
+        raise RuntimeError("dependency down")
+
     backoff = Backoff(base=0.2, cap=1.0, jitter=0.0)
-    sup = Supervisor([ChildSpec("a", probe.actor("a"), backoff=backoff)], intensity=10, period=60)
+    sup = Supervisor([ChildSpec("a", flaky, backoff=backoff)], intensity=100, period=60)
     async with trio.open_nursery() as n:
         t = await start_tree(n, sup)
-        registry = t.registry
-        registry.kill("root/a")
+        for _ in range(5):  # kills: no backoff
+            t.registry.kill("root/a")
+            await settle()
+        assert starts == 6
+        crash.set()  # now it crash-loops
         await settle()
-        assert probe.starts["a"] == 2
-        registry.kill("root/a")
-        await settle()
-        assert probe.starts["a"] == 2  # waiting 0.2 s
-        cell = registry.get("root/a")
-        assert cell is not None and cell.state.value == "restarting"
+        assert starts == 7  # first crash: immediate restart, which crashes again at once
+        cell = t.registry.get("root/a")
+        assert cell is not None and cell.state.value == "restarting"  # second crash: waiting 0.2 s
         await trio.sleep(0.3)
-        assert probe.starts["a"] == 3
+        assert starts == 8
         n.cancel_scope.cancel()
 
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny test model and one real-vLLM worker per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Worker, free_port, worker_fixture
+
+VLLM_TEST_ARGS = (
+    "--max-model-len", "2048",
+    "--block-size", "32",
+    "--enforce-eager",
+    "--seed", "0",
+    "--kv-cache-memory-bytes", str(16 * 2**20),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from actors.engine.models import build_tiny_llama, default_cache_dir
+
+    return build_tiny_llama(default_cache_dir() / "tiny-llama-test")
+
+
+def vllm_worker_args(model: Path, *extra: str) -> list[str]:
+    return ["--engine", "vllm", "--model", str(model), *VLLM_TEST_ARGS, "--system-port", "0", *extra]
+
+
+def start_vllm_worker(model: Path, tmp: Path, *extra: str) -> Iterator[Worker]:
+    env: dict[str, str | None] = {
+        "DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
+        "VLLM_CPU_KVCACHE_SPACE": None,  # it would override --kv-cache-memory-bytes
+        # parallel workers must not fight over vLLM's KV event ports
+        "DYN_VLLM_KV_EVENT_PORT": str(free_port()),
+        "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port()),
+    }
+    yield from worker_fixture(*vllm_worker_args(model, *extra), env=env)
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One real vLLM worker (tiny model) shared by the tests that do not kill it."""
+    gen = start_vllm_worker(tiny_model, tmp_path_factory.mktemp("vllm-worker"), "--http-port", "0")
+    worker = next(gen)
+    worker.wait_ready(timeout=180)
+    try:
+        yield worker
+    finally:
+        gen.close()
+
+
+def request_address(worker: Worker) -> str:
+    return f"127.0.0.1:{worker.wait_event('request_plane.listening')['port']}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

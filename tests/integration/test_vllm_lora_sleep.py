@@ -1,0 +1,136 @@
+"""LoRA adapters, sleep/wake and the health canary on real vLLM (one worker)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from supervisor.client import Call, CallError
+from tests.conftest import request_address, start_vllm_worker
+from tests.procs import Worker, wait_until
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = [1, 17, 42, 99, 7]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model: Path) -> Path:
+    from actors.engine.models import build_tiny_lora, default_cache_dir
+
+    return build_tiny_lora(tiny_model, default_cache_dir() / "tiny-lora-test")
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    tmp = tmp_path_factory.mktemp("lora-worker")
+    gen = start_vllm_worker(tiny_model, tmp, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+                            "--canary-wait-time", "1")
+    w = next(gen)
+    w.discovery_dir = tmp / "discovery"  # type: ignore[attr-defined]
+    w.wait_ready(timeout=240)
+    yield w
+    gen.close()
+
+
+async def call(w: Worker, endpoint: str, payload: Any) -> list[Any]:
+    async with Call(request_address(w), endpoint, payload) as c:
+        return await c.collect()
+
+
+def greedy(n: int, model: str | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"token_ids": PROMPT, "sampling_options": {"temperature": 0.0},
+                         "stop_conditions": {"max_tokens": n, "ignore_eos": True}}
+    if model:
+        p["model"] = model
+    return p
+
+
+def tokens(items: list[dict[str, Any]]) -> list[int]:
+    return [t for i in items for t in i["token_ids"]]
+
+
+async def test_lora_load_generate_mixed_batch_unload(worker: Worker, lora_dir: Path) -> None:
+    load = {"lora_name": "tiny-lora", "source": {"uri": f"file://{lora_dir}"}}
+    first = (await call(worker, "load_lora", load))[-1]
+    assert first["status"] == "success" and first["lora_name"] == "tiny-lora"
+    again = (await call(worker, "load_lora", load))[-1]  # idempotent
+    assert again["lora_id"] == first["lora_id"] and "already" in again["message"]
+    listed = (await call(worker, "list_loras", {}))[-1]
+    assert listed == {"status": "success", "loras": {"tiny-lora": first["lora_id"]}, "count": 1}
+
+    base_alone = tokens(await call(worker, "generate", greedy(8)))
+    lora_alone = tokens(await call(worker, "generate", greedy(8, "tiny-lora")))
+    assert lora_alone != base_alone  # the adapter is applied
+    # a batch mixing base and LoRA requests: each equals its single-request output
+    results: dict[str, list[list[int]]] = {"base": [], "lora": []}
+
+    async def one(kind: str) -> None:
+        results[kind].append(tokens(await call(worker, "generate", greedy(8, "tiny-lora" if kind == "lora" else None))))
+
+    async with trio.open_nursery() as nursery:
+        for kind in ("base", "lora", "base", "lora"):
+            nursery.start_soon(one, kind)
+    assert results["base"] == [base_alone, base_alone]
+    assert results["lora"] == [lora_alone, lora_alone]
+
+    unloaded = (await call(worker, "unload_lora", {"lora_name": "tiny-lora"}))[-1]
+    assert unloaded["status"] == "success"
+    with pytest.raises(CallError) as missing:
+        await call(worker, "unload_lora", {"lora_name": "tiny-lora"})
+    assert missing.value.code == "not_found" and "loaded: []" in missing.value.message
+    with pytest.raises(CallError) as gone:
+        await call(worker, "generate", greedy(2, "tiny-lora"))
+    assert gone.value.code == "not_found"
+
+
+async def test_lora_bad_source_and_system_routes(worker: Worker, lora_dir: Path) -> None:
+    with pytest.raises(CallError) as bad:
+        await call(worker, "load_lora", {"lora_name": "x", "source": {"uri": "file:///no/such/dir"}})
+    assert bad.value.code == "invalid_request" and "/no/such/dir" in bad.value.message
+    with pytest.raises(CallError) as remote:
+        await call(worker, "load_lora", {"lora_name": "x", "source": {"uri": "s3://bucket/x"}})
+    assert "file://" in remote.value.message
+    body = {"lora_name": "via-http", "source": {"uri": f"file://{lora_dir}"}}
+    async with httpx.AsyncClient(base_url=worker.url(""), timeout=60) as http:
+        r = await http.post("/loras", json=body)
+        assert r.status_code == 200 and r.json()["status"] == "success"
+        assert (await http.get("/loras")).json()["loras"].keys() == {"via-http"}
+        assert (await http.delete("/loras/via-http")).status_code == 200
+        assert (await http.delete("/loras/via-http")).status_code == 404
+
+
+def _registered(w: Worker) -> list[Any]:
+    return [json.loads(p.read_text()) for p in w.discovery_dir.glob("*/*.json")]  # type: ignore[attr-defined]
+
+
+async def test_sleep_deregisters_and_wake_up_reverses_it(worker: Worker) -> None:
+    assert len(_registered(worker)) == 1
+    slept = (await call(worker, "sleep", {"level": 1}))[-1]
+    assert slept["status"] == "ok" and "asleep" in slept["message"]
+    assert _registered(worker) == []
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(worker.url("/ready"))).status_code == 503
+    assert "already" in (await call(worker, "sleep", {}))[-1]["message"]  # idempotent
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(worker.url("/engine/wake_up"), json={})
+    assert r.status_code == 200 and r.json()["message"] == "engine awake"
+    assert len(_registered(worker)) == 1
+    worker.wait_ready(timeout=10)
+    assert "already" in (await call(worker, "wake_up", {}))[-1]["message"]
+    assert len(tokens(await call(worker, "generate", greedy(3)))) == 3
+    with pytest.raises(CallError):
+        await call(worker, "sleep", {"level": 7})
+
+
+def test_canary_runs_when_idle(worker: Worker) -> None:
+    wait_until(lambda: any(e.get("event") == "health.canary" and e.get("ok") for e in worker.events()), 30,
+               "a successful canary")
+    canary = next(e for e in worker.events() if e.get("event") == "health.canary")
+    assert canary["request_id"].startswith("health-canary-") and canary["actor"] == "root/health"
