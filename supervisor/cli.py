@@ -34,6 +34,8 @@ _log = structlog.get_logger("supervisor.cli")
 def _apply_process_defaults(config: Config) -> None:
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    for name, value in config.engine_env.items():  # e.g. the detected NIXL side-channel host
+        os.environ.setdefault(name, value)
     if config.engine == "vllm":
         # CPU vLLM on this kind of machine: no hub, loopback only, a bounded KV cache.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

