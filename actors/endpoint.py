@@ -38,10 +38,9 @@ from supervisor.signals import Lifecycle
 from supervisor.tree import ActorContext, ChildSpec, Restart, Strategy, Supervisor, TaskStatus
 
 from .engine.actor import EngineRef
-from .handlers import Handlers, Inflight, RequestControl
+from .handlers import Handlers, Inflight, RequestControl, route_client_frame
 from .nats_plane import NatsRequestPlane, request_subject
 from .protocol import (
-    Cancel,
     Data,
     End,
     Error,
@@ -90,6 +89,7 @@ class _Conn:
     stream: trio.SocketStream
     send: trio.MemorySendChannel[bytes]
     requests: dict[str, RequestControl] = field(default_factory=dict)
+    backlog: int = 0  # frames handed to the writer task and not yet written
 
 
 class EndpointServer:
@@ -179,7 +179,7 @@ class EndpointServer:
         reader = FrameReader()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, recv)
+                nursery.start_soon(self._writer, conn, recv)
                 try:
                     await self._read_loop(conn, reader, nursery)
                 finally:
@@ -214,30 +214,37 @@ class EndpointServer:
                 self._dispatch(conn, frame, nursery)
 
     def _dispatch(self, conn: _Conn, frame: Frame, nursery: trio.Nursery) -> None:
-        if isinstance(frame, Request):
-            if frame.id in conn.requests:
-                nursery.start_soon(self._send_error, conn, frame.id, "invalid_request",
-                                   f"request id {frame.id!r} is already in flight on this connection")
-                return
-            control = RequestControl()
-            conn.requests[frame.id] = control
-            nursery.start_soon(self._run_request, conn, frame, control)
-        elif isinstance(frame, Cancel):
-            found = conn.requests.get(frame.id)
-            if found is not None:
-                found.cancel("client cancelled")
-        else:
-            nursery.start_soon(self._send_error, conn, getattr(frame, "id", ""), "invalid_frame",
-                               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
+        route_client_frame(
+            frame, conn.requests,
+            start=lambda req, control: nursery.start_soon(self._run_request, conn, req, control),
+            refuse=lambda rid, code, msg: nursery.start_soon(self._send_error, conn, rid, code, msg),
+            where="this connection",
+        )
 
-    async def _writer(self, stream: trio.SocketStream, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _writer(self, conn: _Conn, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:
             async for data in recv:
-                await stream.send_all(data)
+                await conn.stream.send_all(data)
+                conn.backlog -= 1
 
     async def _send(self, conn: _Conn, frame: Frame) -> None:
+        data = encode_frame(frame)
+        if conn.backlog == 0:
+            # Fast path (one token of one stream, usually): nothing is queued or being written,
+            # so write straight to the non-blocking socket from this task. Going through the
+            # writer task cost three task switches per frame, most of the per-token cost
+            # (bench/RESULTS.md, speed of light). Whatever the socket does not take now (full,
+            # or broken: the writer then fails as before) goes to the writer, in order.
+            try:
+                sent = os.write(conn.stream.socket.fileno(), data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        conn.backlog += 1
         try:
-            await conn.send.send(encode_frame(frame))
+            await conn.send.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 

@@ -20,7 +20,7 @@ from supervisor.errors import EngineDead
 
 from .engine.actor import EngineRef
 from .engine.base import EngineInfo, EngineRequest, RequestFailed, StepOutput
-from .protocol import RequestError
+from .protocol import Cancel, Frame, Request, RequestError
 
 __all__ = ["Emit", "Handler", "Handlers", "Inflight", "RequestControl", "build_sampling", "step_item"]
 
@@ -188,6 +188,31 @@ class RequestControl:
         if self.reason is None:
             self.reason = reason
         self.scope.cancel(reason=reason)
+
+
+def route_client_frame(
+    frame: Frame,
+    running: dict[str, RequestControl],
+    start: Callable[[Request, RequestControl], None],
+    refuse: Callable[[str, str, str], None],
+    where: str,
+) -> None:
+    """What a worker does with a frame from a client, on any plane: start a
+    request (``start``), cancel a running one, or ``refuse(id, code, message)``."""
+    if isinstance(frame, Request):
+        if frame.id in running:
+            refuse(frame.id, "invalid_request", f"request id {frame.id!r} is already in flight on {where}")
+            return
+        control = RequestControl()
+        running[frame.id] = control
+        start(frame, control)
+    elif isinstance(frame, Cancel):
+        found = running.get(frame.id)
+        if found is not None:
+            found.cancel("client cancelled")
+    else:
+        refuse(getattr(frame, "id", ""), "invalid_frame",
+               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
 
 
 @dataclass

@@ -48,8 +48,8 @@ import trio_asyncio
 from supervisor.planes.servers import close_nats, connect_nats
 from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
 
-from .handlers import RequestControl
-from .protocol import Cancel, Data, Error, Frame, FrameError, Request, RequestError, decode_body, encode_body
+from .handlers import RequestControl, route_client_frame
+from .protocol import Data, Error, Frame, FrameError, Request, RequestError, decode_body, encode_body
 
 __all__ = ["NatsRequestPlane", "ServeRequest", "request_subject"]
 
@@ -151,24 +151,15 @@ class NatsRequestPlane:
             _log.warning("request_plane.bad_frame", error=str(exc), transport="nats")
             nursery.start_soon(self._reply_error, reply, "", "invalid_frame", str(exc))
             return
-        if isinstance(frame, Request):
-            if reply is None:
-                _log.warning("request_plane.no_reply_subject", request_id=frame.id, transport="nats")
-                return
-            if frame.id in self.requests:
-                nursery.start_soon(self._reply_error, reply, frame.id, "invalid_request",
-                                   f"request id {frame.id!r} is already in flight on this worker")
-                return
-            control = RequestControl()
-            self.requests[frame.id] = control
-            nursery.start_soon(self._run, frame, reply, control)
-        elif isinstance(frame, Cancel):
-            found = self.requests.get(frame.id)
-            if found is not None:
-                found.cancel("client cancelled")
-        else:
-            nursery.start_soon(self._reply_error, reply, getattr(frame, "id", ""), "invalid_frame",
-                               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
+        if isinstance(frame, Request) and reply is None:
+            _log.warning("request_plane.no_reply_subject", request_id=frame.id, transport="nats")
+            return
+        route_client_frame(
+            frame, self.requests,
+            start=lambda req, control: nursery.start_soon(self._run, req, reply or "", control),
+            refuse=lambda rid, code, msg: nursery.start_soon(self._reply_error, reply, rid, code, msg),
+            where="this worker",
+        )
 
     async def _run(self, req: Request, reply: str, control: RequestControl) -> None:
         try:

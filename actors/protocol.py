@@ -91,7 +91,10 @@ class RequestError(Exception):
 
 
 def encode_body(frame: Frame) -> bytes:
-    return _encoder.encode(frame)
+    try:
+        return _encoder.encode(frame)
+    except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+        raise FrameError(f"cannot encode {type(frame).__name__.lower()} frame: {exc}") from None
 
 
 def decode_body(body: bytes) -> Frame:
@@ -102,7 +105,7 @@ def decode_body(body: bytes) -> Frame:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    body = _encoder.encode(frame)
+    body = encode_body(frame)
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return _LEN.pack(len(body)) + body

@@ -94,7 +94,7 @@ async def test_empty_and_wrong_kind_frames_are_errors(worker: Worker) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.recursive(st.none() | st.integers() | st.text(max_size=4) | st.floats(),
+@given(payload=st.recursive(st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=4) | st.floats(),
                             lambda c: st.lists(c, max_size=3) | st.dictionaries(
                                 st.sampled_from(["token_ids", "sampling_options", "stop_conditions", "model"]),
                                 c, max_size=3), max_leaves=8))

@@ -66,6 +66,8 @@ def test_oversized_and_truncated_frames_are_named() -> None:
         decode_frame(struct.pack(">I", 10) + b"abc")
     with pytest.raises(FrameError, match="malformed"):
         FrameReader().feed(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+    with pytest.raises(FrameError, match="cannot encode"):  # msgpack carries 64-bit integers only
+        encode_frame(Data("x", 2**70))
     partial = FrameReader()
     assert partial.feed(encode_frame(End("x"))[:-1]) == []
     assert partial.pending > 0
