@@ -186,7 +186,9 @@ class EndpointServer:
                     for control in list(conn.requests.values()):
                         control.cancel("client disconnected")
                     await send.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # the client went away (a reset arrives wrapped in the nursery's group): this
+            # connection ends, the other connections and their streams carry on
             pass
         finally:
             with trio.CancelScope(shield=True):
@@ -228,6 +230,7 @@ class EndpointServer:
                 conn.backlog -= 1
 
     async def _send(self, conn: _Conn, frame: Frame) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as the channel's send did: a cancelled task sends nothing
         data = encode_frame(frame)
         if conn.backlog == 0:
             # Fast path (one token of one stream, usually): nothing is queued or being written,
@@ -247,6 +250,9 @@ class EndpointServer:
             await conn.send.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except BaseException:
+            conn.backlog -= 1  # not queued (cancelled while the queue was full)
+            raise
 
     async def _send_error(self, conn: _Conn, request_id: str, code: str, message: str,
                           migratable: bool = False) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 import trio
 from starlette.applications import Starlette
@@ -38,6 +39,7 @@ from .protocol import RequestError
 __all__ = ["ByteTokenizer", "HfTokenizer", "OpenAIFront", "Tokenizer"]
 
 _log = structlog.get_logger("actors.http")
+_json_encode = msgspec.json.Encoder().encode
 MAX_BODY = 8 * 1024 * 1024
 
 
@@ -356,7 +358,8 @@ class _Asgi:
 
 
 def _sse(data: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": b"data: " + json.dumps(data).encode() + b"\n\n",
+    # msgspec: a third of json.dumps's time per streamed chunk (compact, UTF-8 JSON, as vLLM's server sends)
+    return {"type": "http.response.body", "body": b"data: " + _json_encode(data) + b"\n\n",
             "more_body": True}
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import Closed, RawData
 from hypercorn.trio.run import worker_serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 __all__ = ["BoundSocket", "serve_asgi"]
@@ -54,6 +57,47 @@ class BoundSocket:
 
     def __repr__(self) -> str:
         return f"BoundSocket({self.host}:{self.port})"
+
+
+def _direct_protocol_send() -> Callable[[Any, Any], Awaitable[None]]:
+    """hypercorn's ``TCPServer.protocol_send`` takes a lock and goes through trio's
+    ``send_all`` for every write: two trips through the scheduler per SSE chunk, the
+    largest share of the HTTP front's cost per streamed token (bench/RESULTS.md). This
+    one, when no write is in progress on a plain TCP connection, writes straight to the
+    non-blocking socket under the same lock, and gives what the socket does not take
+    (full, or broken: ``send_all`` then raises as before) to ``send_all``, still under
+    the lock, so order, shielding and error handling are hypercorn's. Written against
+    hypercorn 0.18 (tests/unit/test_http_direct_send.py)."""
+    original = TCPServer.protocol_send
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        stream = self.stream
+        if type(event) is not RawData or type(stream) is not trio.SocketStream or self.send_lock.locked():
+            await original(self, event)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()  # as the lock's acquire did
+        self.send_lock.acquire_nowait()
+        try:
+            data = event.data
+            try:
+                sent = os.write(stream.socket.fileno(), data)
+            except OSError:
+                sent = 0
+            if sent < len(data):
+                try:
+                    with trio.CancelScope(shield=True):
+                        await stream.send_all(data[sent:])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
+
+    protocol_send.original = original  # type: ignore[attr-defined]
+    return protocol_send
+
+
+if not hasattr(TCPServer.protocol_send, "original"):
+    TCPServer.protocol_send = _direct_protocol_send()  # type: ignore[method-assign,assignment]
 
 
 def hypercorn_config(graceful_timeout: float = 1.0) -> HypercornConfig:

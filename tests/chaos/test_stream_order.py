@@ -1,0 +1,95 @@
+"""The TCP plane writes each frame straight to the socket when nothing is queued, and
+through the connection's writer otherwise. A client that stops reading fills the socket:
+frames then queue (up to the queue's bound, then the request waits). Either way every
+frame arrives whole, once, in order, on streams that share a connection too."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.protocol import Data, End, Error, FrameReader, Request, encode_frame
+from tests.procs import Worker, worker_fixture
+
+VOCAB = 32000  # the synthetic engine's default
+
+
+@pytest.fixture
+def fast_worker(tmp_path: Path) -> Iterator[Worker]:
+    gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", "0",
+                         env={"DYN_FILE_DISCOVERY_DIR": str(tmp_path)})
+    worker = next(gen)
+    worker.wait_ready()
+    try:
+        yield worker
+    finally:
+        gen.close()
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    return [(sum(prompt) + i) % VOCAB for i in range(n)]
+
+
+async def test_a_client_that_stops_reading_gets_every_frame_in_order(fast_worker: Worker) -> None:
+    port = fast_worker.wait_event("request_plane.listening")["port"]
+    n = 20000  # ~1 MB of frames per stream: more than the socket buffers hold
+    prompts = {"a": [1, 2, 3], "b": [7, 8, 9, 10]}
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        for rid, prompt in prompts.items():  # two streams multiplexed on one connection
+            payload = {"token_ids": prompt, "stop_conditions": {"max_tokens": n}}
+            await stream.send_all(encode_frame(Request(rid, "generate", payload)))
+        await trio.sleep(1.0)  # read nothing for a while: the socket fills, frames queue
+        reader = FrameReader()
+        tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
+        ended: set[str] = set()
+        with trio.fail_after(60):
+            while len(ended) < len(prompts):
+                data = await stream.receive_some(65536)
+                assert data, "the worker hung up"
+                for frame in reader.feed(data):
+                    assert not isinstance(frame, Error), frame
+                    assert frame.id not in ended, f"a frame after the end of {frame.id}"
+                    if isinstance(frame, Data):
+                        tokens[frame.id] += frame.payload["token_ids"]
+                    elif isinstance(frame, End):
+                        ended.add(frame.id)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == expected(prompt, n)
+
+
+async def test_a_client_that_resets_its_connection_cuts_no_other_stream(fast_worker: Worker) -> None:
+    """A client closing with unread data (or SO_LINGER 0) makes the worker's next read fail
+    with a reset, not an end of file: that connection ends, the others stream on."""
+    import socket
+    import struct
+
+    port = fast_worker.wait_event("request_plane.listening")["port"]
+    n = 20000
+    survivor = await trio.open_tcp_stream("127.0.0.1", port)
+    async with survivor:
+        await survivor.send_all(encode_frame(Request("keep", "generate",
+                                                     {"token_ids": [5], "stop_conditions": {"max_tokens": n}})))
+        for _ in range(5):
+            doomed = await trio.open_tcp_stream("127.0.0.1", port)
+            await doomed.send_all(encode_frame(Request("drop", "generate",
+                                                       {"token_ids": [6], "stop_conditions": {"max_tokens": n}})))
+            await doomed.receive_some(100)
+            doomed.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await doomed.aclose()  # -> RST
+        reader = FrameReader()
+        tokens: list[int] = []
+        with trio.fail_after(60):
+            while True:
+                data = await survivor.receive_some(65536)
+                assert data, "the worker hung up on a connection that did nothing wrong"
+                frames = reader.feed(data)
+                tokens += [t for f in frames if isinstance(f, Data) for t in f.payload["token_ids"]]
+                if any(isinstance(f, End | Error) for f in frames):
+                    assert not any(isinstance(f, Error) for f in frames), frames
+                    break
+    assert tokens == expected([5], n)
+    assert not [e for e in fast_worker.events() if e.get("event") == "actor.crashed"]
