@@ -1,4 +1,4 @@
-"""python -m bench [overhead speed lifecycle] [--quick]: run benchmarks (all by default),
+"""python -m bench [overhead speed lifecycle] [--quick] | --render: run benchmarks (all by default),
 write bench/out/<suite>.json, and rebuild bench/RESULTS.md from every suite's latest JSON
 (so running one suite keeps the others' last results, each with the command that made it)."""
 
@@ -108,6 +108,68 @@ def _aims(results: dict[str, dict[str, Any]]) -> list[str]:
     return ["## Aims", "", "| aim | reached | |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows], ""]
 
 
+def _load(name: str) -> dict[str, Any] | None:
+    path = OUT / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _before_after(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The same benchmarks with the worker run from a checkout without this work's fixes
+    (BENCH_WORKER_TREE, written to <suite>-before.json), next to the current results."""
+    lines: list[str] = []
+    sp_before, sp_after = _load("speed-before"), results.get("speed")
+    if sp_before and sp_after:
+        lines += ["### Speed of light, before and after", "",
+                  f"Before: `{sp_before.get('command')}` with the worker from `{sp_before.get('worker_tree')}` "
+                  f"at {sp_before['machine']['date']}.", "",
+                  "| transport | streams | before: worker CPU us/token | before: tok/s per core "
+                  "| after: worker CPU us/token | after: tok/s per core |", "|---|---|---|---|---|---|"]
+        after = {(r["transport"], r["streams"]): r for r in sp_after["results"]}
+        for r in sp_before["results"]:
+            a = after.get((r["transport"], r["streams"]))
+            if a:
+                lines.append(f"| {r['transport']} | {r['streams']} | {r['worker_cpu_us_per_token']} "
+                             f"| {r['tok_s_per_worker_core']} | {a['worker_cpu_us_per_token']} "
+                             f"| {a['tok_s_per_worker_core']} |")
+        tb = {t["transport"]: t for t in sp_before.get("ttft", [])}
+        for t in sp_after.get("ttft", []):
+            if t["transport"] in tb:
+                lines.append(f"\nTree's own TTFT p50 over {t['transport']}: {tb[t['transport']]['ttft_p50_ms']} ms "
+                             f"before, {t['ttft_p50_ms']} ms after.")
+        lines.append("")
+    ov_before, ov_after = _load("overhead-before"), results.get("overhead")
+    if ov_before and ov_after:
+        lines += ["### Overhead on real vLLM, before and after", "",
+                  f"Before: `{ov_before.get('command')}` with the worker from `{ov_before.get('worker_tree')}`, "
+                  f"{ov_before['rounds']} round(s), variants {ov_before.get('variants')}, at "
+                  f"{ov_before['machine']['date']} (a separate run: compare CPU per token; throughput ratios are "
+                  "each to their own run's (a)).", "",
+                  "| level | variant | before: server CPU us/tok | after: server CPU us/tok | before: ratio to (a) "
+                  "| after: ratio to (a) | before: TTFT over vLLM's own ms | after: TTFT over vLLM's own ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, row in ov_before["table"].items():
+            for v in ("tcp", "http"):
+                b_, a_ = row.get(v), ov_after["table"].get(key, {}).get(v)
+                if b_ and a_:
+                    lines.append(f"| {key} | {overhead.LABELS[v]} | {b_.get('server_cpu_us_per_token')} "
+                                 f"| {a_.get('server_cpu_us_per_token')} | {b_.get('tok_s_ratio')} "
+                                 f"| {a_.get('tok_s_ratio')} | {b_.get('ttft_over_engine_mean_ms')} "
+                                 f"| {a_.get('ttft_over_engine_mean_ms')} |")
+        lines.append("")
+    lc_before, lc_after = _load("lifecycle-before"), results.get("lifecycle")
+    if lc_before and lc_after:
+        lines += ["### Exit times, before and after", "",
+                  f"Before: `{lc_before.get('command')}` with the worker from `{lc_before.get('worker_tree')}` at "
+                  f"{lc_before['machine']['date']}.", "",
+                  "| metric (ms) | before p50 | before max | after p50 | after max |", "|---|---|---|---|---|"]
+        for metric, b_ in lc_before.items():
+            a_ = lc_after.get(metric)
+            if isinstance(b_, dict) and "p50" in b_ and isinstance(a_, dict) and b_.get("n"):
+                lines.append(f"| {metric} | {b_['p50']} | {b_['max']} | {a_['p50']} | {a_['max']} |")
+        lines.append("")
+    return (["## Before and after this work's fixes", "", *lines] if lines else [])
+
+
 def render() -> str:
     results: dict[str, dict[str, Any]] = {}
     for name in SUITES:
@@ -132,6 +194,7 @@ def render() -> str:
                   f"`{result.get('command', 'scripts/bench ' + name)}` at {result['machine']['date']}", ""]
         lines += MARKDOWN[name](result)
         lines.append("")
+    lines += _before_after(results)
     notes = OUT.parent / "FINDINGS.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -139,6 +202,9 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
+    if "--render" in argv:  # only rebuild RESULTS.md from bench/out/*.json
+        RESULTS_MD.write_text(render())
+        return 0
     quick = "--quick" in argv
     names = [a for a in argv if not a.startswith("-")] or list(SUITES)
     unknown = [n for n in names if n not in SUITES]

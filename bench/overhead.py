@@ -296,7 +296,7 @@ def levels_for(quick: bool, vocab: int) -> list[Level]:
     probe = Level(1, 8 if quick else 16, 64, 2, vocab, name="ttft")
     if quick:
         return [Level(1, 2, 64, 64, vocab), Level(8, 8, 64, 64, vocab), Level(32, 32, 64, 64, vocab), probe]
-    return [Level(1, 4, 64, 128, vocab), Level(8, 16, 64, 128, vocab), Level(32, 64, 64, 128, vocab), probe]
+    return [Level(1, 3, 64, 128, vocab), Level(8, 16, 64, 128, vocab), Level(32, 64, 64, 128, vocab), probe]
 
 
 def run(quick: bool = False, model_name: str | None = None, rounds: int | None = None,
@@ -308,7 +308,7 @@ def run(quick: bool = False, model_name: str | None = None, rounds: int | None =
     model = model_path(model_name)
     vocab = vocab_size(model)
     levels = levels_for(quick, vocab)
-    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", 0)) or (1 if quick else 3)
+    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", 0)) or (1 if quick else 4)
     hosts = [h for h, wanted in (("raw", {"raw"}), ("ours", {"tcp", "http"}), ("serve", {"serve"}))
              if wanted & set(variants)]
     records: dict[str, dict[str, list[dict[str, Any]]]] = {v: {lv.key: [] for lv in levels} for v in variants}

@@ -163,9 +163,11 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     synth: list[dict[str, Any]] = []
     for _ in range(synthetic_runs):
+        tree = os.environ.get("BENCH_WORKER_TREE")
         worker = Worker("--engine", "synthetic", "--synthetic-step-ms", "10", "--system-port", "0",
                         env={"DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": str(GRACE_S),
-                             "DYN_FILE_DISCOVERY_DIR": tempfile.mkdtemp(prefix="bench-recovery-")})
+                             "DYN_FILE_DISCOVERY_DIR": tempfile.mkdtemp(prefix="bench-recovery-")},
+                        cwd=Path(tree) if tree else None)
         try:
             worker.wait_ready()
             synth.append(guarded(lambda w=worker: sigterm_streams(w, 3000), tries=1))
@@ -212,3 +214,16 @@ def run(quick: bool = False) -> dict[str, Any]:
             "cold_starts": starts,
         },
     }
+
+
+if __name__ == "__main__":
+    # only this part of the lifecycle suite (e.g. with BENCH_WORKER_TREE for a before/after run)
+    import sys
+
+    from . import common
+
+    common.COMMAND = " ".join(["python -m bench.recovery", *sys.argv[1:]])
+    result = run("--quick" in sys.argv)
+    if os.environ.get("BENCH_WORKER_TREE"):
+        result["worker_tree"] = os.environ["BENCH_WORKER_TREE"]
+    common.write(os.environ.get("BENCH_OUT_NAME", "recovery"), result)

@@ -23,7 +23,7 @@ from typing import Any
 from tests.procs import Worker
 
 from .clients import http_level, tcp_level
-from .common import write
+from .common import pct, write
 from .loadgen import CpuMeter, Level, guarded
 
 __all__ = ["markdown", "run"]
@@ -45,9 +45,16 @@ def _start_worker(*extra: str) -> Worker:
         os.sched_setaffinity(0, mine)
 
 
+def address_of(worker: Worker) -> str:
+    return f"127.0.0.1:{worker.wait_event('request_plane.listening')['port']}"
+
+
+def base_of(worker: Worker) -> str:
+    return f"http://127.0.0.1:{worker.wait_event('http.listening')['port']}"
+
+
 def measure(worker: Worker, transport: str, level: Level) -> dict[str, Any]:
-    address = f"127.0.0.1:{worker.wait_event('request_plane.listening')['port']}"
-    base = f"http://127.0.0.1:{worker.wait_event('http.listening')['port']}"
+    address, base = address_of(worker), base_of(worker)
 
     def one() -> dict[str, Any]:
         meter = CpuMeter(worker=worker.proc.pid)
@@ -79,6 +86,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     total = 100_000 if quick else 400_000
     shapes = [1, 8, 64]
     results: list[dict[str, Any]] = []
+    ttft: list[dict[str, Any]] = []
     mine = os.sched_getaffinity(0)
     worker = _start_worker()
     try:
@@ -95,13 +103,21 @@ def run(quick: bool = False) -> dict[str, Any]:
                 print(f"  {transport:>4} {streams:>3} streams: {res['tok_s']} tok/s, "
                       f"{res['worker_cpu_us_per_token']} us/token, worker {res['worker_cpu_pct']}% CPU",
                       file=sys.stderr, flush=True)
+        # the tree's own time to first token: one stream of one-token requests, nothing else running
+        for transport in ("tcp", "http"):
+            level = Level(1, 100 if quick else 400, 64, 1)
+            rec = guarded(lambda t=transport, lv=level: (tcp_level(address_of(worker), lv, "ttft") if t == "tcp"
+                                                         else http_level(base_of(worker), lv, "ttft", "synthetic")))
+            ttft.append({"transport": transport, "requests": rec["requests"], "errors": rec["errors"],
+                         "ttft_p50_ms": round(pct(rec["ttft"], 50) * 1e3, 3),
+                         "ttft_p99_ms": round(pct(rec["ttft"], 99) * 1e3, 3)})
     finally:
         os.sched_setaffinity(0, mine)
         worker.stop()
     best = {t: max((r for r in results if r["transport"] == t), key=lambda r: r["tok_s_per_worker_core"] or 0)
             for t in ("tcp", "http")}
-    out = {"results": results, "best": best, "pinning": {"worker_cpu": WORKER_CPU, "client_cpu": CLIENT_CPU},
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = {"results": results, "best": best, "ttft": ttft, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "pinning": {"worker_cpu": WORKER_CPU, "client_cpu": CLIENT_CPU}}
     if os.environ.get("BENCH_WORKER_TREE"):
         out["worker_tree"] = os.environ["BENCH_WORKER_TREE"]
     write(os.environ.get("BENCH_OUT_NAME", "speed"), out)
@@ -121,6 +137,13 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['transport']} | {r['streams']} | {r['tokens']} | {r['tok_s']} "
                      f"| {r['worker_cpu_us_per_token']} | {r['tok_s_per_worker_core']} | {r['worker_cpu_pct']} "
                      f"| {r['client_cpu_us_per_token']} | {r['tokens_per_chunk']} | {r['errors']} |")
+    if result.get("ttft"):
+        lines += ["", "The tree's own time to first token (same pinning, one stream of one-token requests, "
+                      "engine time zero; TCP opens a connection per request as `supervisor.client.Call` does, "
+                      "HTTP keeps its connection):", "",
+                  "| transport | requests | TTFT p50 ms | TTFT p99 ms | errors |", "|---|---|---|---|---|"]
+        lines += [f"| {t['transport']} | {t['requests']} | {t['ttft_p50_ms']} | {t['ttft_p99_ms']} | {t['errors']} |"
+                  for t in result["ttft"]]
     return lines
 
 
