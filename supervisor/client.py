@@ -53,6 +53,9 @@ from supervisor.aio import open_asyncio_loop
 from supervisor.planes.discovery import Discovery, FileDiscovery, InstanceRecord, MemDiscovery
 from supervisor.planes.servers import ServerUnavailable, close_nats, connect_nats, split_urls
 
+# how long leaving a call early waits for the worker to end the request
+CANCEL_ACK_TIMEOUT = 1.0
+
 __all__ = ["Call", "CallError", "NatsCall", "find_instances", "main", "make_discovery", "open_call"]
 
 
@@ -101,11 +104,24 @@ class Call:
         with trio.CancelScope(shield=True):
             if not self.done:
                 try:
-                    with trio.move_on_after(1.0):
+                    with trio.move_on_after(CANCEL_ACK_TIMEOUT):
                         await stream.send_all(encode_frame(Cancel(self.request_id)))
+                        await self._await_end(stream)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             await stream.aclose()
+
+    async def _await_end(self, stream: trio.SocketStream) -> None:
+        """Read until the worker ends our request (its answer to the cancel). Closing with
+        its frames unread would reset the connection, and a worker whose write fails on the
+        reset before it has read the cancel logs a disconnect rather than a cancel."""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for frame in self._reader.feed(data):
+                if frame.id == self.request_id and isinstance(frame, End | Error):
+                    return
 
     def __aiter__(self) -> Call:
         return self

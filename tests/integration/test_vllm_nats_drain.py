@@ -18,6 +18,9 @@ from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
+# long enough to outlast the listener kill's round trip on a busy machine (max-model-len 2048)
+TOKENS = 2000
+
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
     tiny_model: Path, tmp_path: Path, nats_server: Server, etcd_server: Server  # noqa: F811
@@ -47,7 +50,7 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
 
             async def stream(i: int) -> None:
                 payload = {"token_ids": [1, 10 + i, 20 + i], "sampling_options": {"temperature": 0.0},
-                           "stop_conditions": {"max_tokens": 1000, "ignore_eos": True}}
+                           "stop_conditions": {"max_tokens": TOKENS, "ignore_eos": True}}
                 try:
                     async with open_call(record, "generate", payload, nats_servers=nats_server.url) as call:
                         items = []
@@ -67,8 +70,11 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                 killed = await trio.to_thread.run_sync(
                     lambda: worker.post("/debug/actors/root/endpoint/listener/kill"))
                 assert killed.status_code == 200
+                # the drain is only tested if the streams are still running (the kill's round
+                # trip took 2.7 s once, on two busy cores)
+                assert results == [], "the streams ended before SIGTERM: make them longer"
                 worker.signal(signal.SIGTERM)
-            assert results == [("length", 1000)] * 8
+            assert results == [("length", TOKENS)] * 8
             assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
             await discovery.aclose()
         assert await trio.to_thread.run_sync(worker.wait, 60.0) == 0
