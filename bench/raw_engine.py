@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .loadgen import (
+    FOREIGN_CPU_LIMIT,
     CpuMeter,
+    ForeignLoad,
     Level,
     Sample,
     Timer,
@@ -31,6 +33,7 @@ from .loadgen import (
     pin_front_end,
     prompt_ids,
     record,
+    wait_for_quiet,
 )
 
 WARMUP = [Level(1, 1, 32, 16), Level(8, 8, 32, 16)]
@@ -38,6 +41,7 @@ WARMUP = [Level(1, 1, 32, 16), Level(8, 8, 32, 16)]
 
 async def run_level(llm: Any, level: Level, tag: str) -> dict[str, Any]:
     from vllm import SamplingParams
+    from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(temperature=0.0, max_tokens=level.max_tokens, ignore_eos=True,
@@ -54,7 +58,9 @@ async def run_level(llm: Any, level: Level, tag: str) -> dict[str, Any]:
             s = Sample(start=time.perf_counter())
             samples.append(s)
             try:
-                async for out in llm.generate({"prompt_token_ids": ids}, params, request_id=f"{tag}-{i}"):
+                # a rendered token input, as vllm serve hands AsyncLLM (a raw {"prompt_token_ids": ...}
+                # would go through the renderer's thread pool first)
+                async for out in llm.generate(tokens_input(ids), params, request_id=f"{tag}-{i}"):
                     n = len(out.outputs[0].token_ids) if out.outputs else 0
                     if n:
                         s.chunk(time.perf_counter())
@@ -101,10 +107,11 @@ async def main(plan: list[dict[str, Any]], flags: list[str]) -> dict[str, Any]:
             level = Level(**entry["level"])
             rec: dict[str, Any] = {}
             for attempt in range(3):  # as bench.loadgen.guarded, on this loop
-                while foreign_engines(os.getpid()):  # noqa: ASYNC110 (polling processes, not an event)
-                    await asyncio.sleep(2.0)
+                wait_for_quiet(os.getpid())  # blocks the loop, with nothing in flight
+                load = ForeignLoad(os.getpid())
                 rec = await run_level(llm, level, f"{entry['tag']}-{n}-{attempt}")
-                rec["disturbed"] = bool(foreign_engines(os.getpid()))
+                rec["foreign_cpu"] = round(load.stop(), 3)
+                rec["disturbed"] = bool(foreign_engines(os.getpid())) or rec["foreign_cpu"] > FOREIGN_CPU_LIMIT
                 rec["attempts"] = attempt + 1
                 if not rec["disturbed"]:
                     break

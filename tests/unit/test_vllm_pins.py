@@ -75,3 +75,16 @@ async def test_forwarder_maps_engine_death_and_stops() -> None:
     with pytest.raises(trio.EndOfChannel):
         recv.receive_nowait()
     assert isinstance(_map_error(ValueError("bad")), Exception)
+
+
+def test_a_rendered_token_input_skips_the_renderer_thread_pool() -> None:
+    """The bridge hands AsyncLLM ``tokens_input(ids)``, as vllm serve does: a rendered input is
+    processed on the loop, while a raw ``{"prompt_token_ids": ...}`` goes through the renderer's
+    thread pool (slow when our loop holds the GIL)."""
+    from vllm.inputs import tokens_input
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    rendered = tokens_input([1, 2, 3])
+    assert rendered["type"] == "token" and rendered["prompt_token_ids"] == [1, 2, 3]
+    source = inspect.getsource(AsyncLLM.add_request)
+    assert '"type" in prompt' in source and "process_inputs_async" in source
