@@ -142,30 +142,88 @@ def foreign_engines(*own_roots: int) -> list[int]:
     return found
 
 
+FOREIGN_CPU_LIMIT = 0.10  # of one core: more than this from someone else's processes spoils a run
+
+
+def _own_pids(own_roots: tuple[int, ...]) -> set[int]:
+    import os
+
+    import psutil
+
+    own = {os.getpid()}
+    for root in (os.getpid(), *own_roots):
+        try:
+            own.add(root)
+            own.update(p.pid for p in psutil.Process(root).children(recursive=True))
+        except psutil.Error:
+            continue
+    return own
+
+
+class ForeignLoad:
+    """CPU seconds spent by processes that are not ours (this process, ``own_roots`` and their
+    descendants) between construction and :meth:`stop`: someone else's tests or engine on
+    our two cores. Processes that started meanwhile count in full."""
+
+    def __init__(self, *own_roots: int) -> None:
+        self.own_roots = own_roots
+        self.t0 = time.monotonic()
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> dict[tuple[int, float], float]:
+        import psutil
+
+        own = _own_pids(self.own_roots)
+        snap: dict[tuple[int, float], float] = {}
+        for proc in psutil.process_iter(["pid", "create_time", "cpu_times"]):
+            info = proc.info
+            if info["pid"] in own or info["cpu_times"] is None:
+                continue
+            snap[(info["pid"], info["create_time"])] = info["cpu_times"].user + info["cpu_times"].system
+        return snap
+
+    def stop(self) -> float:
+        """Foreign CPU as a fraction of one core over the interval."""
+        end = self._snapshot()
+        used = sum(cpu - self.start.get(key, 0.0) for key, cpu in end.items())
+        return max(0.0, used) / max(1e-6, time.monotonic() - self.t0)
+
+
 def wait_for_quiet(*own_roots: int, limit_s: float = 1800.0) -> float:
-    """Wait until no other vLLM engine runs (at most ``limit_s``); returns the seconds waited."""
+    """Wait until no other vLLM engine runs and other processes use under FOREIGN_CPU_LIMIT of a
+    core (at most ``limit_s``); returns the seconds waited."""
     import sys
 
     started = time.monotonic()
     told = False
-    while foreign_engines(*own_roots) and time.monotonic() - started < limit_s:
+    while time.monotonic() - started < limit_s:
+        engines = foreign_engines(*own_roots)
+        if not engines:
+            probe = ForeignLoad(*own_roots)
+            time.sleep(1.0)
+            load = probe.stop()
+            if load < FOREIGN_CPU_LIMIT:
+                break
         if not told:
-            print(f"waiting for another vLLM engine to end (pids {foreign_engines(*own_roots)})", file=sys.stderr,
-                  flush=True)
+            why = f"vLLM engine pids {engines}" if engines else f"{load:.0%} of a core"
+            print(f"waiting for other work on this machine to end ({why})", file=sys.stderr, flush=True)
             told = True
         time.sleep(2.0)
     return time.monotonic() - started
 
 
 def guarded(run: Callable[[], dict[str, Any]], *own_roots: int, tries: int = 3) -> dict[str, Any]:
-    """``run()`` while no other vLLM engine runs: wait for quiet, run, and run again (up to
-    ``tries`` times) if another engine was seen when it ended. The record says how it went."""
+    """``run()`` on a quiet machine: wait for quiet, run, and run again (up to ``tries`` times)
+    if another vLLM engine was there at the end or other processes used more than
+    FOREIGN_CPU_LIMIT of a core meanwhile. The record says how it went."""
     rec: dict[str, Any] = {}
     waited = 0.0
     for attempt in range(tries):
         waited += wait_for_quiet(*own_roots)
+        load = ForeignLoad(*own_roots)
         rec = run()
-        rec["disturbed"] = bool(foreign_engines(*own_roots))
+        rec["foreign_cpu"] = round(load.stop(), 3)
+        rec["disturbed"] = bool(foreign_engines(*own_roots)) or rec["foreign_cpu"] > FOREIGN_CPU_LIMIT
         rec["attempts"] = attempt + 1
         if not rec["disturbed"]:
             break

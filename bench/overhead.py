@@ -349,8 +349,7 @@ def run(quick: bool = False, model_name: str | None = None, rounds: int | None =
             agg["tok_s_ratio"] = round(agg["tok_s"] / base["tok_s"], 3)
             agg["ttft_added_p50_ms"] = round(agg["ttft_p50_ms"] - base["ttft_p50_ms"], 2)
             agg["itl_ratio_p50"] = round(agg["itl_p50_ms"] / base["itl_p50_ms"], 3)
-    per_round = {v: {lv.key: [round(r["tok_s"], 2) for r in records[v][lv.key]] for lv in levels}
-                 for v in variants}
+    per_round = {v: {lv.key: [_run_summary(r) for r in records[v][lv.key]] for lv in levels} for v in variants}
     result = {
         "model": str(model),
         "model_name": model_name,
@@ -359,7 +358,7 @@ def run(quick: bool = False, model_name: str | None = None, rounds: int | None =
         "rounds": rounds,
         "host_start_s": loads,
         "table": table,
-        "tok_s_per_round": per_round,
+        "runs": per_round,
         "took_s": round(time.monotonic() - started, 1),
         "variants": list(variants),
         "pinned": os.environ.get("BENCH_PIN", "1") == "1",
@@ -368,6 +367,16 @@ def run(quick: bool = False, model_name: str | None = None, rounds: int | None =
         result["worker_tree"] = os.environ["BENCH_WORKER_TREE"]
     write(os.environ.get("BENCH_OUT_NAME", "overhead"), result)
     return result
+
+
+def _run_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """One run of one level, without its per-request lists."""
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("ttft", "itl")}
+    if r["ttft"]:
+        out["ttft_mean_ms"] = round(sum(r["ttft"]) / len(r["ttft"]) * 1e3, 2)
+    if r.get("engine_ttft_count"):
+        out["engine_ttft_mean_ms"] = round(r["engine_ttft_sum"] / r["engine_ttft_count"] * 1e3, 2)
+    return out
 
 
 def markdown(result: dict[str, Any]) -> list[str]:

@@ -170,7 +170,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                         cwd=Path(tree) if tree else None)
         try:
             worker.wait_ready()
-            synth.append(guarded(lambda w=worker: sigterm_streams(w, 3000), tries=1))
+            synth.append(guarded(lambda w=worker: sigterm_streams(w, 3000), worker.proc.pid, tries=1))
         finally:
             worker.stop()
 

@@ -62,7 +62,7 @@ def measure(worker: Worker, transport: str, level: Level) -> dict[str, Any]:
                else http_level(base, level, "sol", "synthetic"))
         return {**rec, **meter.stop()}
 
-    rec = guarded(one)  # a vLLM engine elsewhere would spin on the worker's core
+    rec = guarded(one, worker.proc.pid)  # a vLLM engine elsewhere would spin on the worker's core
     cpu = rec["worker_cpu_s"]
     tokens = rec["tokens"]
     us = cpu / max(1, tokens) * 1e6
@@ -107,7 +107,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         for transport in ("tcp", "http"):
             level = Level(1, 100 if quick else 400, 64, 1)
             rec = guarded(lambda t=transport, lv=level: (tcp_level(address_of(worker), lv, "ttft") if t == "tcp"
-                                                         else http_level(base_of(worker), lv, "ttft", "synthetic")))
+                                                         else http_level(base_of(worker), lv, "ttft", "synthetic")),
+                          worker.proc.pid)
             ttft.append({"transport": transport, "requests": rec["requests"], "errors": rec["errors"],
                          "ttft_p50_ms": round(pct(rec["ttft"], 50) * 1e3, 3),
                          "ttft_p99_ms": round(pct(rec["ttft"], 99) * 1e3, 3)})
