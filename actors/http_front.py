@@ -41,6 +41,8 @@ __all__ = ["ByteTokenizer", "HfTokenizer", "OpenAIFront", "Tokenizer"]
 _log = structlog.get_logger("actors.http")
 _json_encode = msgspec.json.Encoder().encode
 MAX_BODY = 8 * 1024 * 1024
+# a stream that fell behind sends at most about this many events in one write
+MAX_EVENTS_PER_WRITE = 64
 
 
 class Tokenizer(Protocol):
@@ -309,17 +311,18 @@ class OpenAIFront:
             try:
                 async with self.engine.generate(req) as stream:
                     async for out in stream:
-                        delta: dict[str, Any] = {"content": self._text(out)}
-                        if call.chat and first:
-                            delta["role"] = "assistant"
-                        first = False
-                        await send(_sse(self._chunk(call, delta, _finish(out.finish_reason)
-                                                    if out.finish_reason else None)))
-                        if out.finish_reason is not None and call.include_usage:
-                            usage_chunk = self._chunk(call, None, None)
-                            usage_chunk["choices"] = []
-                            usage_chunk["usage"] = _usage(out)
-                            await send(_sse(usage_chunk))
+                        # Outputs that piled up while this task waited for its turn (the engine
+                        # outran us) go out in one write: the same events, one trip through
+                        # hypercorn and h11 instead of one per token.
+                        events: list[bytes] = []
+                        ready: StepOutput | None = out
+                        while ready is not None and len(events) < MAX_EVENTS_PER_WRITE:
+                            events.extend(self._events(call, ready, first))
+                            first = False
+                            ready = stream.next_ready()
+                        if ready is not None:
+                            events.extend(self._events(call, ready, first))
+                        await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
                 _log.info("request.finished", status="ok")
             except (EngineDead, RequestFailed) as exc:
                 err = _request_error(exc)
@@ -328,6 +331,19 @@ class OpenAIFront:
             done = True
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             nursery.cancel_scope.cancel()
+
+    def _events(self, call: _Call, out: StepOutput, first: bool) -> list[bytes]:
+        """The server-sent events for one engine output: its chunk, and the usage after the last."""
+        delta: dict[str, Any] = {"content": self._text(out)}
+        if call.chat and first:
+            delta["role"] = "assistant"
+        events = [_event(self._chunk(call, delta, _finish(out.finish_reason) if out.finish_reason else None))]
+        if out.finish_reason is not None and call.include_usage:
+            usage_chunk = self._chunk(call, None, None)
+            usage_chunk["choices"] = []
+            usage_chunk["usage"] = _usage(out)
+            events.append(_event(usage_chunk))
+        return events
 
     def _chunk(self, call: _Call, delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
@@ -357,10 +373,13 @@ class _Asgi:
         await self.fn(scope, receive, send, self.chat)
 
 
-def _sse(data: dict[str, Any]) -> dict[str, Any]:
+def _event(data: dict[str, Any]) -> bytes:
     # msgspec: a third of json.dumps's time per streamed chunk (compact, UTF-8 JSON, as vLLM's server sends)
-    return {"type": "http.response.body", "body": b"data: " + _json_encode(data) + b"\n\n",
-            "more_body": True}
+    return b"data: " + _json_encode(data) + b"\n\n"
+
+
+def _sse(data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": _event(data), "more_body": True}
 
 
 def _finish(reason: str | None) -> str | None:

@@ -51,11 +51,16 @@ class EngineStream:
         self.request_id = request_id
         self._recv = recv
         self.finished = False
+        self._error: BaseException | None = None  # met by next_ready, raised by the next __anext__
 
     def __aiter__(self) -> EngineStream:
         return self
 
     async def __anext__(self) -> StepOutput:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.finished = True
+            raise error
         if self.finished:
             raise StopAsyncIteration
         try:
@@ -63,6 +68,27 @@ class EngineStream:
         except trio.EndOfChannel:
             self.finished = True
             raise StopAsyncIteration from None
+        return self._take(item)
+
+    def next_ready(self) -> StepOutput | None:
+        """The next output if the engine has already produced it, else None (never waits;
+        an error waiting in the stream is raised by the next ``__anext__``). Lets a consumer
+        that fell behind send what piled up in one write."""
+        if self.finished or self._error is not None:
+            return None
+        try:
+            item = self._recv.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except trio.EndOfChannel:
+            self.finished = True
+            return None
+        if isinstance(item, BaseException):
+            self._error = item
+            return None
+        return self._take(item)
+
+    def _take(self, item: StepOutput | BaseException) -> StepOutput:
         if isinstance(item, BaseException):
             self.finished = True
             raise item

@@ -93,3 +93,56 @@ async def test_a_client_that_resets_its_connection_cuts_no_other_stream(fast_wor
                     break
     assert tokens == expected([5], n)
     assert not [e for e in fast_worker.events() if e.get("event") == "actor.crashed"]
+
+
+@pytest.fixture
+def fast_http_worker(tmp_path: Path) -> Iterator[Worker]:
+    gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", "0", "--http-port", "0",
+                         env={"DYN_FILE_DISCOVERY_DIR": str(tmp_path)})
+    worker = next(gen)
+    worker.wait_ready()
+    try:
+        yield worker
+    finally:
+        gen.close()
+
+
+def test_a_stalled_sse_reader_gets_every_event_once_in_order(fast_http_worker: Worker) -> None:
+    """The HTTP front writes the events that piled up for a stream that fell behind in one
+    body write: a reader that stalls still sees one event per token, in order, then the
+    finish, the usage and [DONE], on two streams at once."""
+    import json
+    import threading
+    import time
+
+    import httpx
+
+    port = fast_http_worker.wait_event("http.listening")["port"]
+    n = 5000
+    results: dict[str, list[str]] = {}
+
+    def read(name: str, prompt: str) -> None:
+        body = {"model": "synthetic", "prompt": prompt, "max_tokens": n, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            time.sleep(1.0)  # stop reading: the socket fills, the engine runs ahead
+            results[name] = [line for line in resp.iter_lines() if line]
+
+    threads = [threading.Thread(target=read, args=(name, name)) for name in ("ab", "xyz")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    for prompt in ("ab", "xyz"):
+        lines = results[prompt]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        assert all(line.startswith("data: ") for line in lines)
+        *chunks, usage = events
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == n
+        assert len(chunks) == n, "one event per token"
+        texts = [c["choices"][0]["text"] for c in chunks]
+        base = sum(prompt.encode())
+        assert texts == [f" {(base + i) % VOCAB}" for i in range(n)]
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (n - 1) + ["length"]
