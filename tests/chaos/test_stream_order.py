@@ -17,9 +17,9 @@ from tests.procs import Worker, worker_fixture
 VOCAB = 32000  # the synthetic engine's default
 
 
-@pytest.fixture
-def fast_worker(tmp_path: Path) -> Iterator[Worker]:
-    gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", "0",
+def _ready_fast_worker(tmp_path: Path, *extra: str) -> Iterator[Worker]:
+    """A synthetic worker with zero step time: it streams as fast as the tree can."""
+    gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", "0", *extra,
                          env={"DYN_FILE_DISCOVERY_DIR": str(tmp_path)})
     worker = next(gen)
     worker.wait_ready()
@@ -27,6 +27,11 @@ def fast_worker(tmp_path: Path) -> Iterator[Worker]:
         yield worker
     finally:
         gen.close()
+
+
+@pytest.fixture
+def fast_worker(tmp_path: Path) -> Iterator[Worker]:
+    yield from _ready_fast_worker(tmp_path)
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
@@ -97,14 +102,7 @@ async def test_a_client_that_resets_its_connection_cuts_no_other_stream(fast_wor
 
 @pytest.fixture
 def fast_http_worker(tmp_path: Path) -> Iterator[Worker]:
-    gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", "0", "--http-port", "0",
-                         env={"DYN_FILE_DISCOVERY_DIR": str(tmp_path)})
-    worker = next(gen)
-    worker.wait_ready()
-    try:
-        yield worker
-    finally:
-        gen.close()
+    yield from _ready_fast_worker(tmp_path, "--http-port", "0")
 
 
 def test_a_stalled_sse_reader_gets_every_event_once_in_order(fast_http_worker: Worker) -> None:
