@@ -20,9 +20,13 @@ prefix):
 
 A client that publishes to a subject nobody serves gets NATS's "no responders"
 status on its inbox at once. NATS has no connection between a client and a
-worker, so a client that dies without sending ``cancel`` is not noticed: its
-request runs to completion (bounded by ``max_tokens``) into an inbox nobody
-reads.
+worker, so the worker asks after the client instead: every
+``CLIENT_PROBE_INTERVAL`` seconds of a request, a NATS request with the header
+``Dyn-Probe: <request id>`` goes to the client's reply inbox. Our client answers
+it; a live client that does not answer only makes the probe time out, which
+changes nothing. Only NATS's "no responders" (nobody subscribes to the inbox
+any more: the client died without sending ``cancel``) aborts the request, as a
+client disconnect.
 
 Actors, under the endpoint supervisor::
 
@@ -49,9 +53,22 @@ from supervisor.planes.servers import close_nats, connect_nats
 from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
 
 from .handlers import RequestControl, route_client_frame
-from .protocol import Data, Error, Frame, FrameError, Request, RequestError, decode_body, encode_body
+from .protocol import (
+    PROBE_HEADER,
+    Data,
+    Error,
+    Frame,
+    FrameError,
+    Request,
+    RequestError,
+    decode_body,
+    encode_body,
+)
 
-__all__ = ["NatsRequestPlane", "ServeRequest", "request_subject"]
+__all__ = ["CLIENT_PROBE_INTERVAL", "NatsRequestPlane", "ServeRequest", "request_subject"]
+
+# how often a running request asks whether its client still listens, and how long an answer may take
+CLIENT_PROBE_INTERVAL = 2.0
 
 SendFrame = Callable[[Frame], Awaitable[None]]
 ServeRequest = Callable[[str, Any, str, SendFrame, RequestControl], Awaitable[None]]
@@ -156,13 +173,37 @@ class NatsRequestPlane:
             return
         route_client_frame(
             frame, self.requests,
-            start=lambda req, control: nursery.start_soon(self._run, req, reply or "", control),
+            start=lambda req, control: nursery.start_soon(self._run, req, reply or "", control, nursery),
             refuse=lambda rid, code, msg: nursery.start_soon(self._reply_error, reply, rid, code, msg),
             where="this worker",
         )
 
-    async def _run(self, req: Request, reply: str, control: RequestControl) -> None:
+    async def _run(self, req: Request, reply: str, control: RequestControl, nursery: trio.Nursery) -> None:
+        watch = trio.CancelScope()
+        nursery.start_soon(self._watch_client, reply, req.id, control, watch)
         try:
             await self.serve(req.endpoint, req.payload, req.id, functools.partial(self._publish, reply), control)
         finally:
+            watch.cancel()
             self.requests.pop(req.id, None)
+
+    async def _watch_client(self, reply: str, request_id: str, control: RequestControl,
+                            scope: trio.CancelScope) -> None:
+        """Abort the request once nobody listens on its reply inbox (see the module's doc)."""
+        import nats.errors
+
+        with scope:
+            while True:
+                await trio.sleep(CLIENT_PROBE_INTERVAL)
+                nc = self._nc
+                if nc is None or nc.is_closed:
+                    continue  # the listener is reconnecting: ask next time
+                try:
+                    await trio_asyncio.aio_as_trio(nc.request)(reply, b"", timeout=CLIENT_PROBE_INTERVAL,
+                                                               headers={PROBE_HEADER: request_id})
+                except nats.errors.NoRespondersError:
+                    _log.info("request.client_gone", request_id=request_id, transport="nats", inbox=reply)
+                    control.cancel("client disconnected")
+                    return
+                except Exception:  # no answer in time, or the connection is changing: the client may live
+                    continue

@@ -19,6 +19,7 @@ import msgspec
 
 __all__ = [
     "MAX_FRAME",
+    "PROBE_HEADER",
     "Cancel",
     "Data",
     "End",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 MAX_FRAME = 16 * 1024 * 1024  # bytes; larger frames are refused
+# NATS plane: a header on the worker's "are you still listening?" request to a client's reply inbox
+PROBE_HEADER = "Dyn-Probe"
 _LEN = struct.Struct(">I")
 
 

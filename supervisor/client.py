@@ -38,6 +38,7 @@ import trio
 import trio_asyncio
 
 from actors.protocol import (
+    PROBE_HEADER,
     Cancel,
     Data,
     End,
@@ -185,6 +186,10 @@ class NatsCall:
             send = self._send
 
             async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
+                if msg.headers and PROBE_HEADER in msg.headers:
+                    if msg.reply:  # the worker asks whether we still listen
+                        await msg.respond(b"")
+                    return
                 try:
                     send.send_nowait(msg)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):

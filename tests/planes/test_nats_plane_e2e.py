@@ -9,6 +9,7 @@ process (pytest-trio + the trio-asyncio loop).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio_asyncio
 
 from supervisor.aio import open_asyncio_loop
 from supervisor.client import CallError, NatsCall, make_discovery, open_call
@@ -244,5 +246,82 @@ def test_unreachable_discovery_server_fails_clearly(backend: str, nats_server: S
         assert worker.wait(timeout=60) == 1
         failed = worker.wait_event("worker.failed")
         assert (bad_etcd.removeprefix("http://") if backend == "etcd" else bad_nats) in failed["error"]
+    finally:
+        gen.close()
+
+
+async def test_a_client_that_dies_without_cancelling_is_noticed(nats_server: Server, etcd_server: Server) -> None:
+    """NATS has no connection to lose: the worker asks the client's reply inbox every
+    CLIENT_PROBE_INTERVAL whether anybody listens. A raw client that subscribes, reads a
+    little and vanishes without a cancel gets its request aborted as a disconnect; a raw
+    client that listens but never answers a probe, and our NatsCall, stream to the end."""
+    from actors.nats_plane import CLIENT_PROBE_INTERVAL
+    from actors.protocol import Data, End, Request, decode_body, encode_body
+    from supervisor.planes.servers import close_nats, connect_nats
+
+    aio = trio_asyncio.aio_as_trio
+    gen = start("nats", nats_server, etcd_server)
+    dep = next(gen)
+    try:
+        async with open_asyncio_loop():
+            [rec] = await dep.records()
+            nc = await connect_nats([dep.nats_url], name="raw test client")
+            try:
+                async def raw_call(request_id: str, max_tokens: int, read: int | None) -> list[Any]:
+                    """Publish a request and read its frames; after ``read`` frames, unsubscribe."""
+                    got: list[Any] = []
+                    send, recv = trio.open_memory_channel[Any](math.inf)
+
+                    async def on_message(msg: Any) -> None:
+                        send.send_nowait(msg)  # probes included: this client never answers them
+
+                    inbox = nc.new_inbox()
+                    sub = await aio(nc.subscribe)(inbox, cb=on_message)
+                    payload = {"token_ids": [4], "stop_conditions": {"max_tokens": max_tokens}}
+                    await aio(nc.publish)(rec.address, encode_body(Request(request_id, "generate", payload)),
+                                          reply=inbox)
+                    async for msg in recv:
+                        if msg.headers and msg.headers.get("Dyn-Probe") == request_id:
+                            got.append("probe")
+                            continue
+                        frame = decode_body(msg.data)
+                        got.append(frame)
+                        if isinstance(frame, End) or len([f for f in got if isinstance(f, Data)]) == read:
+                            break
+                    await aio(sub.unsubscribe)()
+                    return got
+
+                # gone after 3 tokens, without a cancel
+                await raw_call("vanishes", 100_000, read=3)
+                gone = await dep.wait_event("request.client_gone", request_id="vanishes")
+                assert gone["transport"] == "nats"
+                await dep.wait_event("request.aborted", request_id="vanishes", reason="client disconnected")
+                await dep.wait_event("engine.aborted", request_id="vanishes")
+
+                # listening for over two probe intervals, never answering: not cut
+                tokens = int(2.5 * CLIENT_PROBE_INTERVAL * 1000 / int(STEP_MS))
+                results: dict[str, Any] = {}
+
+                async def silent() -> None:
+                    results["silent"] = await raw_call("silent", tokens, read=None)
+
+                async def ours() -> None:
+                    payload = {"token_ids": [6], "stop_conditions": {"max_tokens": tokens}}
+                    async with open_call(rec, "generate", payload, nats_servers=dep.nats_url,
+                                         request_id="ours") as call:
+                        results["ours"] = await call.collect()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(silent)
+                    nursery.start_soon(ours)
+            finally:
+                await close_nats(nc)
+        frames = [f for f in results["silent"] if f != "probe"]
+        assert "probe" in results["silent"], "the worker never asked after the silent client"
+        assert sum(len(f.payload["token_ids"]) for f in frames if isinstance(f, Data)) == tokens
+        assert isinstance(frames[-1], End)
+        assert len(results["ours"]) == tokens and results["ours"][-1]["finish_reason"] == "length"
+        gone = [e["request_id"] for e in dep.worker.events() if e.get("event") == "request.client_gone"]
+        assert gone == ["vanishes"]
     finally:
         gen.close()
