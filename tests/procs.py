@@ -176,8 +176,10 @@ def worker_fixture(*args: str, **kw: Any) -> Iterator[Worker]:
         assert not left, f"processes left behind: {[p.pid for p in left]}"
 
 
-def free_port(low: int = 20000, high: int = 40000) -> int:
-    """A currently free loopback TCP port in the registered range (DYN_* ports must be 1024-49151)."""
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A currently free loopback TCP port in the registered range (DYN_* ports must be 1024-49151),
+    below Linux's ephemeral range (32768-60999), where an outgoing connection could take it
+    between this check and the worker's bind."""
     import random
     import socket
 
