@@ -33,7 +33,7 @@ from supervisor.errors import EngineDead
 
 from .base import EngineInfo, EngineRequest, RequestFailed, StepOutput, Stream
 
-__all__ = ["SUPPORTED_VLLM", "VllmEngine", "vllm_version"]
+__all__ = ["SUPPORTED_VLLM", "VllmEngine", "kv_event_ports_taken", "vllm_version"]
 
 SUPPORTED_VLLM = "0.32."
 _log = structlog.get_logger("actors.engine.vllm")
@@ -132,6 +132,42 @@ def _map_error(exc: BaseException) -> BaseException:
     return RequestFailed(f"{type(exc).__name__}: {exc}")
 
 
+def kv_event_ports_taken(engine_args: Mapping[str, Any]) -> str | None:
+    """Why vLLM's KV event publisher could not bind its TCP ports, or None. Checks the
+    ports it binds (the wildcard publisher endpoint and the replay endpoint, each moved
+    by the data-parallel rank as vLLM does) the way ZMQ binds them (SO_REUSEADDR)."""
+    import socket
+
+    cfg = engine_args.get("kv_events_config")
+    if cfg is None:
+        return None
+    get: Callable[[str], Any] = cfg.get if isinstance(cfg, Mapping) else (lambda k: getattr(cfg, k, None))
+    if not get("enable_kv_cache_events") or (get("publisher") or "zmq") != "zmq":
+        return None
+    rank = int(engine_args.get("data_parallel_rank") or 0)
+    for field_name, always_binds in (("endpoint", False), ("replay_endpoint", True)):
+        endpoint = get(field_name)
+        if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+            continue
+        host, _, port_text = endpoint.removeprefix("tcp://").rpartition(":")
+        if not port_text.isdigit() or int(port_text) == 0 or not (always_binds or host == "*"):
+            continue
+        if host not in ("*", "0.0.0.0") and not host.replace(".", "").isdigit():
+            continue  # IPv6 or a name: left to vLLM
+        port = int(port_text) + rank
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0" if host == "*" else host, port))
+                probe.listen(1)
+            except OSError as exc:
+                return (f"the KV event publisher cannot bind port {port} ({field_name} {endpoint}"
+                        f"{f' + data-parallel rank {rank}' if rank else ''}): {exc.strerror or exc}; "
+                        "choose free ports with DYN_VLLM_KV_EVENT_PORT and DYN_VLLM_KV_EVENT_REPLAY_PORT "
+                        "(or --kv-events-config)")
+    return None
+
+
 class VllmEngine:
     """``EngineBackend`` on vLLM's AsyncLLM."""
 
@@ -160,6 +196,11 @@ class VllmEngine:
         version = vllm_version()
         if not version.startswith(SUPPORTED_VLLM):
             _log.warning("engine.vllm_version_untested", version=version, supported=SUPPORTED_VLLM)
+        taken = kv_event_ports_taken(self.engine_args)
+        if taken:
+            # vLLM would fail deep in its engine core process ("Engine core initialization failed.
+            # See root cause above."): say which port and how to move it
+            raise EngineDead(taken)
         started = time.monotonic()
         try:
             # Not abandonable: a half-built engine must be shut down, not leaked.

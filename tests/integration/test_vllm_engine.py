@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from supervisor.client import Call, CallError
-from tests.conftest import VLLM_TEST_ARGS, request_address, start_vllm_worker
-from tests.procs import Worker
+from tests.conftest import VLLM_TEST_ARGS, request_address, start_vllm_worker, vllm_worker_args
+from tests.procs import Worker, free_port, worker_fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -262,3 +262,29 @@ def test_worker_sigkill_takes_the_engine_down(own_worker: Worker) -> None:
         assert core.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         pass
+
+
+
+def test_a_kv_event_port_in_use_fails_at_once_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM alone fails in its engine core with "Engine core initialization failed. See root
+    cause above."; the worker says which port and how to move it, before loading the model."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        env: dict[str, str | None] = {"DYN_FILE_DISCOVERY_DIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": None,
+                                      "DYN_VLLM_KV_EVENT_PORT": str(port),
+                                      "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port())}
+        gen = worker_fixture(*vllm_worker_args(tiny_model), env=env)
+        worker = next(gen)
+        try:
+            assert worker.wait(timeout=120) == 1
+            failed = worker.wait_event("worker.failed")
+            assert f"cannot bind port {port}" in failed["error"]
+            assert "DYN_VLLM_KV_EVENT_PORT" in failed["error"]
+            names = [e["event"] for e in worker.events()]
+            assert "engine.ready" not in names and "EngineCore failed to start." not in names  # no engine was built
+        finally:
+            gen.close()  # asserts nothing is left behind

@@ -88,3 +88,36 @@ def test_a_rendered_token_input_skips_the_renderer_thread_pool() -> None:
     assert rendered["type"] == "token" and rendered["prompt_token_ids"] == [1, 2, 3]
     source = inspect.getsource(AsyncLLM.add_request)
     assert '"type" in prompt' in source and "process_inputs_async" in source
+
+
+def test_kv_event_ports_taken_names_the_port_vllm_would_fail_on() -> None:
+    """The check binds what vLLM's ZmqEventPublisher binds: the wildcard publisher
+    endpoint and the replay endpoint, each moved by the data-parallel rank."""
+    import socket
+
+    from actors.engine.vllm_backend import kv_event_ports_taken
+    from tests.procs import free_port
+
+    def cfg(endpoint: str, replay: str | None = None, **extra: object) -> dict[str, object]:
+        return {"kv_events_config": {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint,
+                                     "replay_endpoint": replay}, **extra}
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        free = free_port()
+        assert kv_event_ports_taken({}) is None
+        assert kv_event_ports_taken({"kv_events_config": None}) is None
+        assert kv_event_ports_taken(cfg(f"tcp://*:{free}")) is None
+        taken = kv_event_ports_taken(cfg(f"tcp://*:{port}"))
+        assert taken is not None and f"port {port}" in taken and "DYN_VLLM_KV_EVENT_PORT" in taken
+        replay = kv_event_ports_taken(cfg(f"tcp://*:{free}", f"tcp://*:{port}"))
+        assert replay is not None and "replay_endpoint" in replay
+        # vLLM connects (does not bind) a publisher endpoint with a host: nothing to check
+        assert kv_event_ports_taken(cfg(f"tcp://127.0.0.1:{port}")) is None
+        # rank 1 binds port + 1
+        ranked = kv_event_ports_taken(cfg(f"tcp://*:{port - 1}", data_parallel_rank=1))
+        assert ranked is not None and f"port {port}" in ranked and "data-parallel rank 1" in ranked
+        assert kv_event_ports_taken({"kv_events_config": {"enable_kv_cache_events": False,
+                                                          "endpoint": f"tcp://*:{port}"}}) is None
