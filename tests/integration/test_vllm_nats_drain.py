@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from supervisor.aio import open_asyncio_loop
-from supervisor.client import CallError, make_discovery, open_call
+from supervisor.client import CallError, NatsCall, make_discovery
 from tests.conftest import start_vllm_worker
 from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
@@ -51,16 +51,21 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
             async def stream(i: int) -> None:
                 payload = {"token_ids": [1, 10 + i, 20 + i], "sampling_options": {"temperature": 0.0},
                            "stop_conditions": {"max_tokens": TOKENS, "ignore_eos": True}}
+                items: list[Any] = []
                 try:
-                    async with open_call(record, "generate", payload, nats_servers=nats_server.url) as call:
-                        items = []
+                    # a lost frame fails the test (with what each stream got) instead of hanging it
+                    async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
+                                        idle_timeout=120) as call:
                         async for item in call:
                             if not items:
                                 streaming.release()
                             items.append(item)
                     results.append((items[-1]["finish_reason"], sum(len(x["token_ids"]) for x in items)))
                 except CallError as exc:
-                    results.append(exc)
+                    results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
+                finally:
+                    if not items:
+                        streaming.release()  # never started: do not leave the test waiting
 
             async with trio.open_nursery() as nursery:
                 for i in range(8):
@@ -75,8 +80,9 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                     lambda: worker.post("/debug/actors/root/endpoint/listener/kill"))
                 assert killed.status_code == 200
             assert results == [("length", TOKENS)] * 8
-            assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
-            await discovery.aclose()
+            with trio.fail_after(60):
+                assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
+                await discovery.aclose()
         assert await trio.to_thread.run_sync(worker.wait, 60.0) == 0
         events = worker.events()
         names = [e["event"] for e in events]
