@@ -41,48 +41,50 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
             del os.environ[name]
     try:
         worker.wait_ready(timeout=240)
-        async with open_asyncio_loop():
-            discovery = make_discovery("etcd", etcd_endpoints=etcd_server.url)
-            [record] = await discovery.list(namespace, "backend", "generate")
-            assert record.transport == "nats" and record.runtime_config["block_size"] == 32
-            results: list[Any] = []
-            streaming = trio.Semaphore(0)
+        # inside pytest's own timeout, which would leave a trio run behind for the next test
+        with trio.fail_after(420):
+            async with open_asyncio_loop():
+                discovery = make_discovery("etcd", etcd_endpoints=etcd_server.url)
+                [record] = await discovery.list(namespace, "backend", "generate")
+                assert record.transport == "nats" and record.runtime_config["block_size"] == 32
+                results: list[Any] = []
+                streaming = trio.Semaphore(0)
 
-            async def stream(i: int) -> None:
-                payload = {"token_ids": [1, 10 + i, 20 + i], "sampling_options": {"temperature": 0.0},
-                           "stop_conditions": {"max_tokens": TOKENS, "ignore_eos": True}}
-                items: list[Any] = []
-                try:
-                    # a lost frame fails the test (with what each stream got) instead of hanging it
-                    async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
-                                        idle_timeout=120) as call:
-                        async for item in call:
-                            if not items:
-                                streaming.release()
-                            items.append(item)
-                    results.append((items[-1]["finish_reason"], sum(len(x["token_ids"]) for x in items)))
-                except CallError as exc:
-                    results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
-                finally:
-                    if not items:
-                        streaming.release()  # never started: do not leave the test waiting
+                async def stream(i: int) -> None:
+                    payload = {"token_ids": [1, 10 + i, 20 + i], "sampling_options": {"temperature": 0.0},
+                               "stop_conditions": {"max_tokens": TOKENS, "ignore_eos": True}}
+                    items: list[Any] = []
+                    try:
+                        # a lost frame fails the test (with what each stream got) instead of hanging it
+                        async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
+                                            idle_timeout=120) as call:
+                            async for item in call:
+                                if not items:
+                                    streaming.release()
+                                items.append(item)
+                        results.append((items[-1]["finish_reason"], sum(len(x["token_ids"]) for x in items)))
+                    except CallError as exc:
+                        results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
+                    finally:
+                        if not items:
+                            streaming.release()  # never started: do not leave the test waiting
 
-            async with trio.open_nursery() as nursery:
-                for i in range(8):
-                    nursery.start_soon(stream, i)
-                for _ in range(8):
-                    await streaming.acquire()
-                # at once: this client may lag the worker by seconds on two busy cores (the
-                # worker's draining event below says whether all 8 were still running)
-                worker.signal(signal.SIGTERM)
-                # the listener (the NATS connection) dies during the drain, and comes back
-                killed = await trio.to_thread.run_sync(
-                    lambda: worker.post("/debug/actors/root/endpoint/listener/kill"))
-                assert killed.status_code == 200
-            assert results == [("length", TOKENS)] * 8
-            with trio.fail_after(60):
-                assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
-                await discovery.aclose()
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(stream, i)
+                    for _ in range(8):
+                        await streaming.acquire()
+                    # at once: this client may lag the worker by seconds on two busy cores (the
+                    # worker's draining event below says whether all 8 were still running)
+                    worker.signal(signal.SIGTERM)
+                    # the listener (the NATS connection) dies during the drain, and comes back
+                    killed = await trio.to_thread.run_sync(
+                        lambda: worker.post("/debug/actors/root/endpoint/listener/kill"))
+                    assert killed.status_code == 200
+                assert results == [("length", TOKENS)] * 8
+                with trio.fail_after(60):
+                    assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
+                    await discovery.aclose()
         assert await trio.to_thread.run_sync(worker.wait, 60.0) == 0
         events = worker.events()
         names = [e["event"] for e in events]
