@@ -53,6 +53,9 @@ def _ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
+KILL_SPACING_S = 0.1
+
+
 def out_of_process(kills: int, path: str) -> list[float]:
     import structlog
 
@@ -61,8 +64,12 @@ def out_of_process(kills: int, path: str) -> list[float]:
     try:
         w.wait_ready()
         for _ in range(kills):
+            started = time.monotonic()
             assert w.post(f"/debug/actors/{path}/kill").status_code == 200
             w.wait_ready(timeout=10)
+            # at most 10 kills a second: the root's restart intensity (20 in 1 s) would take the
+            # worker down on purpose, and this measures a restart, not the escalation
+            time.sleep(max(0.0, KILL_SPACING_S - (time.monotonic() - started)))
         events = w.events()
     finally:
         w.stop()
