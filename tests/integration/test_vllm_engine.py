@@ -271,9 +271,9 @@ def test_a_kv_event_port_in_use_fails_at_once_naming_it(tiny_model: Path, tmp_pa
     import socket
 
     with socket.socket() as held:
-        held.bind(("0.0.0.0", 0))
+        port = free_port()  # DYN_* ports must be 1024-49151: an OS-picked port may be above
+        held.bind(("0.0.0.0", port))
         held.listen(1)
-        port = held.getsockname()[1]
         env: dict[str, str | None] = {"DYN_FILE_DISCOVERY_DIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": None,
                                       "DYN_VLLM_KV_EVENT_PORT": str(port),
                                       "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port())}
