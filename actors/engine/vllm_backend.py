@@ -322,7 +322,7 @@ class VllmEngine:
             request.request_id,
             # Rendered, as vllm serve passes it: a raw {"prompt_token_ids": ...} goes through the
             # renderer's thread pool first, and that thread waits for the GIL our busy loop holds
-            # (TTFT over vLLM's own, 32 streams: 146 -> 44 ms; bench/RESULTS.md).
+            # (TTFT over vLLM's own, 32 streams: 146 -> 85 ms; bench/FINDINGS.md).
             tokens_input(request.token_ids),
             sampling,
             lora_request=_lora_request(request.lora),
