@@ -7,7 +7,10 @@ variable and says why. An unset or empty variable yields its default.
 
 Port variables must be integers in the registered range 1024-49151: below it
 are the privileged well-known ports, above it the kernel's ephemeral range,
-where a fixed port may already be taken by any outgoing connection.
+where a fixed port may already be taken by any outgoing connection. A variable
+whose flag takes 0 to pick a free port (``--system-port``, ``--http-port``,
+``--request-plane-port``) takes 0 too, with the same meaning; the KV event ports
+do not, because vLLM and the relay must agree on a port before either binds.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ def parse_port(raw: str) -> int:
             " (below are privileged ports, above is the kernel's ephemeral range)"
         )
     return value
+
+
+def parse_port_or_free(raw: str) -> int:
+    """A port variable whose flag takes 0: 0 picks a free port, else as :func:`parse_port`."""
+    try:
+        if int(raw.strip()) == 0:
+            return 0
+    except ValueError:
+        pass  # parse_port says why
+    return parse_port(raw)
 
 
 def int_parser(minimum: int | None = None) -> Callable[[str], int]:
@@ -198,17 +211,18 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_VLLM_EC_EXTRA_CONFIG", parse_json_object, None, "--ec-extra-config"),
     EnvVar("DYN_VLLM_EC_CONSUMER_MODE", parse_bool, False, "--ec-consumer-mode"),
     # ports
-    EnvVar("DYN_SYSTEM_PORT", parse_port, 0, "--system-port (0 picks a free port)", is_port=True),
+    EnvVar("DYN_SYSTEM_PORT", parse_port_or_free, 0, "--system-port (0 picks a free port)", is_port=True),
     EnvVar("DYN_SYSTEM_HOST", parse_str, "127.0.0.1", "--system-host"),
-    EnvVar("DYN_HTTP_PORT", parse_port, None, "--http-port", is_port=True),
-    EnvVar("DYN_REQUEST_PLANE_PORT", parse_port, 0, "--request-plane-port (0 picks a free port)", is_port=True),
+    EnvVar("DYN_HTTP_PORT", parse_port_or_free, None, "--http-port (0 picks a free port)", is_port=True),
+    EnvVar("DYN_REQUEST_PLANE_PORT", parse_port_or_free, 0, "--request-plane-port (0 picks a free port)", is_port=True),
     EnvVar("DYN_VLLM_KV_EVENT_PORT", parse_port, 20080,
            "ZMQ port vLLM publishes KV events on (minus the data-parallel rank)", is_port=True),
     EnvVar("DYN_VLLM_KV_EVENT_REPLAY_PORT", parse_port, None,
            "ZMQ port of vLLM's KV event replay socket (default: the event port + 1000)", is_port=True),
     EnvVar("DYN_EVENT_PLANE_HOST", parse_str, "127.0.0.1", "Address the ZMQ event plane publisher binds"),
-    EnvVar("DYN_EVENT_PLANE_PORT", parse_port, None,
-           "Port of the ZMQ event plane publisher (KV events, load metrics; unset picks a free one)", is_port=True),
+    EnvVar("DYN_EVENT_PLANE_PORT", parse_port_or_free, None,
+           "Port of the ZMQ event plane publisher (KV events, load metrics; unset or 0 picks a free one)",
+           is_port=True),
     # health and shutdown
     EnvVar("DYN_HEALTH_CHECK_INTERVAL", float_parser(positive=True), 2.0, "--health-check-interval (seconds)"),
     EnvVar("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", float_parser(positive=True), 3.0, "--health-check-timeout (seconds)"),
