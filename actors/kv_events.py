@@ -21,6 +21,17 @@ For every rank the relay follows the stream in ``seq`` order:
 a restarted relay asks for a replay from ``last + 1`` at once (and once more
 after its subscription has settled), so it neither loses nor repeats a batch.
 
+Who listens: vLLM binds a wildcard (``tcp://*:port``) or ipc endpoint and
+connects to any other; the worker's default endpoint is ``tcp://127.0.0.1:port``,
+so vLLM connects and the relay binds there, on loopback (the replay socket vLLM
+always binds, also on loopback). A SUB socket the relay binds is owned above the
+actor too: bound at the relay's first start and kept across its restarts, so the
+port never passes to another process while vLLM is connected to it, and batches
+sent during a restart wait in the socket. If the port is taken the relay starts
+anyway (a synthetic engine publishes nothing), logs it and tries again every
+:data:`BIND_RETRY_S`; a vLLM engine has already refused to start on a taken port
+(``kv_event_ports_taken``).
+
 A malformed frame or an event of an unknown type is logged and skipped; a
 batch whose payload cannot be decoded still counts as seen (a replay would
 only return the same bytes).
@@ -70,6 +81,7 @@ REPLAY_TIMEOUT_S = 2.0  # a replay silent for this long is given up on (and logg
 SETTLE_S = 0.5  # after (re)connecting, replay once more when the subscription has surely arrived
 PUBLISH_TIMEOUT_S = 5.0
 RCV_HWM = 100_000
+BIND_RETRY_S = 2.0  # a taken port is tried again this often
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -267,6 +279,10 @@ class RankStream:
     bad_frames: int = 0
     skipped_events: int = 0
     replay_failures: int = 0
+    bind_failures: int = 0
+    # The SUB socket bound on ``source.endpoint`` (when ``source.bind``): bound at the
+    # relay's first start, then kept here, across restarts, until the state is closed.
+    bound: zmq.Socket[Any] | None = field(default=None, repr=False, compare=False)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -293,6 +309,13 @@ class KvEventsState:
     @property
     def subject(self) -> str:
         return f"{self.namespace}.kv-events"
+
+    def close(self) -> None:
+        """Close the sockets the relay bound (once the relay has stopped for good)."""
+        for stream in self.streams.values():
+            if stream.bound is not None:
+                zmq_trio.close(stream.bound)
+                stream.bound = None
 
     def index(self, dp_rank: int | None = None) -> list[dict[str, Any]]:
         ranks = sorted(self.streams) if dp_rank is None else [dp_rank]
@@ -386,30 +409,38 @@ class KvEventsRelay:
 
     async def _follow(self, stream: RankStream, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         source = stream.source
+        if source.bind:  # vLLM connects to us: the socket is the state's, never closed here
+            bound = _bound_socket(stream)
+            task_status.started()
+            while bound is None:
+                await trio.sleep(BIND_RETRY_S)
+                bound = _bound_socket(stream)
+            await self._consume(stream, bound)
+            return
         sub = zmq_trio.socket(zmq.SUB, rcvhwm=RCV_HWM)
         try:
             sub.setsockopt(zmq.SUBSCRIBE, b"")
-            if source.bind:
-                sub.bind(source.endpoint)
-            else:
-                sub.connect(source.endpoint)
+            sub.connect(source.endpoint)
             task_status.started()
-            # Whatever was published while nobody listened (or before a restart).
-            await self._replay(stream, stream.last_seq + 1)
-            settle_at = trio.current_time() + self.settle_s
-            while True:
-                frames: list[bytes] | None = None
-                with trio.move_on_at(settle_at):
-                    frames = await zmq_trio.recv_multipart(sub)
-                if frames is None:
-                    # a batch published before the subscription reached vLLM is
-                    # in neither the first replay nor the live stream
-                    settle_at = math.inf
-                    await self._replay(stream, stream.last_seq + 1)
-                    continue
-                await self._on_frames(stream, frames)
+            await self._consume(stream, sub)
         finally:
             zmq_trio.close(sub)
+
+    async def _consume(self, stream: RankStream, sub: zmq.Socket[Any]) -> None:
+        # Whatever was published while nobody listened (or before a restart).
+        await self._replay(stream, stream.last_seq + 1)
+        settle_at = trio.current_time() + self.settle_s
+        while True:
+            frames: list[bytes] | None = None
+            with trio.move_on_at(settle_at):
+                frames = await zmq_trio.recv_multipart(sub)
+            if frames is None:
+                # a batch published before the subscription reached vLLM is
+                # in neither the first replay nor the live stream
+                settle_at = math.inf
+                await self._replay(stream, stream.last_seq + 1)
+                continue
+            await self._on_frames(stream, frames)
 
     async def _on_frames(self, stream: RankStream, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:
@@ -526,6 +557,29 @@ class KvEventsRelay:
             if batch is not None and self.state.enable_index:
                 _index(stream.blocks, batch.events)
             stream.last_seq = seq
+
+
+def _bound_socket(stream: RankStream) -> zmq.Socket[Any] | None:
+    """The stream's SUB socket bound on its endpoint, bound now if it was not yet;
+    None (logged) while the address cannot be bound."""
+    if stream.bound is not None:
+        return stream.bound
+    endpoint = stream.source.endpoint
+    sub = zmq_trio.socket(zmq.SUB, rcvhwm=RCV_HWM)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.bind(endpoint)
+    except zmq.ZMQError as exc:
+        zmq_trio.close(sub)
+        stream.bind_failures += 1
+        if _worth_logging(stream.bind_failures):
+            _log.error("kv_events.bind_failed", dp_rank=stream.source.dp_rank, endpoint=endpoint, error=str(exc),
+                       count=stream.bind_failures, retry_s=BIND_RETRY_S,
+                       hint="another process holds the port: move it with DYN_VLLM_KV_EVENT_PORT")
+        return None
+    stream.bound = sub
+    _log.info("kv_events.listening", dp_rank=stream.source.dp_rank, endpoint=endpoint)
+    return sub
 
 
 def _decodes(payload: bytes) -> bool:

@@ -15,6 +15,7 @@ do not, because vLLM and the relay must agree on a port before either binds.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +66,29 @@ def parse_port_or_free(raw: str) -> int:
     except ValueError:
         pass  # parse_port says why
     return parse_port(raw)
+
+
+def parse_host(raw: str) -> str:
+    """An address to bind: a literal IPv4 or IPv6 address, or ``localhost``. Names
+    are refused: what a name resolves to (and so which interfaces listen) can change."""
+    text = raw.strip()
+    if text.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IP address (v4 or v6) or localhost, got {raw!r}") from None
+
+
+def parse_ipv4_host(raw: str) -> str:
+    """:func:`parse_host` for vLLM's KV event sockets, which are IPv4 only: ``localhost``
+    is 127.0.0.1, ``0.0.0.0`` all interfaces."""
+    host = parse_host(raw)
+    if host == "localhost":
+        return "127.0.0.1"
+    if ipaddress.ip_address(host).version != 4:
+        raise ValueError(f"vLLM's KV event sockets are IPv4 only: expected an IPv4 address, got {raw!r}")
+    return host
 
 
 def int_parser(minimum: int | None = None) -> Callable[[str], int]:
@@ -196,7 +220,7 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_VLLM_IS_PREFILL_WORKER", parse_bool, None, "--is-prefill-worker"),
     EnvVar("DYN_VLLM_IS_DECODE_WORKER", parse_bool, None, "--is-decode-worker"),
     EnvVar("DYN_VLLM_DISAGGREGATION_MODE", choice_parser(DISAGGREGATION_MODES), None, "--disaggregation-mode"),
-    # multimodal (section 6)
+    # multimodal
     EnvVar("DYN_VLLM_ENABLE_MULTIMODAL", parse_bool, False, "--enable-multimodal"),
     EnvVar("DYN_VLLM_MULTIMODAL_PROCESSOR", parse_bool, False, "--multimodal-processor"),
     EnvVar("DYN_VLLM_EC_PROCESSOR", parse_bool, False, "--ec-processor"),
@@ -214,11 +238,16 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_SYSTEM_PORT", parse_port_or_free, 0, "--system-port (0 picks a free port)", is_port=True),
     EnvVar("DYN_SYSTEM_HOST", parse_str, "127.0.0.1", "--system-host"),
     EnvVar("DYN_HTTP_PORT", parse_port_or_free, None, "--http-port (0 picks a free port)", is_port=True),
+    EnvVar("DYN_HTTP_HOST", parse_host, "0.0.0.0", "--http-host"),
     EnvVar("DYN_REQUEST_PLANE_PORT", parse_port_or_free, 0, "--request-plane-port (0 picks a free port)", is_port=True),
+    EnvVar("DYN_REQUEST_PLANE_HOST", parse_host, "127.0.0.1", "--request-plane-host"),
     EnvVar("DYN_VLLM_KV_EVENT_PORT", parse_port, 20080,
-           "ZMQ port vLLM publishes KV events on (minus the data-parallel rank)", is_port=True),
+           "ZMQ port of vLLM's KV event stream (the relay listens, vLLM connects; minus the data-parallel rank)",
+           is_port=True),
     EnvVar("DYN_VLLM_KV_EVENT_REPLAY_PORT", parse_port, None,
            "ZMQ port of vLLM's KV event replay socket (default: the event port + 1000)", is_port=True),
+    EnvVar("DYN_VLLM_KV_EVENT_HOST", parse_ipv4_host, "127.0.0.1",
+           "Address the KV event sockets listen on: the relay's (vLLM connects to it) and vLLM's replay socket"),
     EnvVar("DYN_EVENT_PLANE_HOST", parse_str, "127.0.0.1", "Address the ZMQ event plane publisher binds"),
     EnvVar("DYN_EVENT_PLANE_PORT", parse_port_or_free, None,
            "Port of the ZMQ event plane publisher (KV events, load metrics; unset or 0 picks a free one)",

@@ -5,6 +5,9 @@ msgpack [ts, events, dp_rank]]`` with events as tagged maps, a replay ROUTER
 answering ``[b"", start_seq]`` with ``[b"", topic, seq, payload]`` per buffered
 batch and an end marker whose seq is ``0xff * 8``. ``drop=True`` buffers a
 batch without sending it live (a gap), ``send_raw`` sends any frames at all.
+``connect=True`` connects the PUB socket to the port instead of binding it, as
+vLLM does with the worker's default ``tcp://127.0.0.1:port`` endpoint (the
+worker's relay binds it); the replay socket is bound either way, as in vLLM.
 """
 
 from __future__ import annotations
@@ -63,12 +66,15 @@ def free_port_pair(offset: int = 1000) -> int:
 
 class FakeVllmPublisher:
     def __init__(self, port: int = 0, replay_port: int | None = 0, *, buffer_steps: int = 10_000,
-                 topic: bytes = b"", dp_rank: int = 0) -> None:
+                 topic: bytes = b"", dp_rank: int = 0, connect: bool = False) -> None:
         self.topic = topic
         self.dp_rank = dp_rank
         self.pub = zmq_trio.socket(zmq.PUB, sndhwm=100_000)
+        if connect:
+            assert port, "connect needs the port the other side binds"
+            self.pub.connect(f"tcp://127.0.0.1:{port}")
         self.port = port if port else self.pub.bind_to_random_port("tcp://127.0.0.1")
-        if port:
+        if port and not connect:
             self.pub.bind(f"tcp://127.0.0.1:{port}")
         self.router: zmq.Socket[Any] | None = None
         self.replay_port: int | None = None

@@ -133,9 +133,11 @@ def _map_error(exc: BaseException) -> BaseException:
 
 
 def kv_event_ports_taken(engine_args: Mapping[str, Any]) -> str | None:
-    """Why vLLM's KV event publisher could not bind its TCP ports, or None. Checks the
-    ports it binds (the wildcard publisher endpoint and the replay endpoint, each moved
-    by the data-parallel rank as vLLM does) the way ZMQ binds them (SO_REUSEADDR)."""
+    """Why the KV event sockets could not bind their TCP ports, or None. Checks, each
+    moved by the data-parallel rank as vLLM does, the way ZMQ binds (SO_REUSEADDR):
+    the publisher endpoint, which vLLM binds when it is a wildcard and the worker's
+    KV event relay binds otherwise (vLLM connects to it), and the replay endpoint,
+    which vLLM always binds."""
     import socket
 
     cfg = engine_args.get("kv_events_config")
@@ -145,15 +147,16 @@ def kv_event_ports_taken(engine_args: Mapping[str, Any]) -> str | None:
     if not get("enable_kv_cache_events") or (get("publisher") or "zmq") != "zmq":
         return None
     rank = int(engine_args.get("data_parallel_rank") or 0)
-    for field_name, always_binds in (("endpoint", False), ("replay_endpoint", True)):
+    for field_name in ("endpoint", "replay_endpoint"):
         endpoint = get(field_name)
         if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
             continue
         host, _, port_text = endpoint.removeprefix("tcp://").rpartition(":")
-        if not port_text.isdigit() or int(port_text) == 0 or not (always_binds or host == "*"):
+        if not port_text.isdigit() or int(port_text) == 0:
             continue
         if host not in ("*", "0.0.0.0") and not host.replace(".", "").isdigit():
             continue  # IPv6 or a name: left to vLLM
+        who = "KV event relay" if field_name == "endpoint" and host != "*" else "KV event publisher"
         port = int(port_text) + rank
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -161,7 +164,7 @@ def kv_event_ports_taken(engine_args: Mapping[str, Any]) -> str | None:
                 probe.bind(("0.0.0.0" if host == "*" else host, port))
                 probe.listen(1)
             except OSError as exc:
-                return (f"the KV event publisher cannot bind port {port} ({field_name} {endpoint}"
+                return (f"the {who} cannot bind port {port} ({field_name} {endpoint}"
                         f"{f' + data-parallel rank {rank}' if rank else ''}): {exc.strerror or exc}; "
                         "choose free ports with DYN_VLLM_KV_EVENT_PORT and DYN_VLLM_KV_EVENT_REPLAY_PORT "
                         "(or --kv-events-config)")

@@ -178,9 +178,19 @@ def _apply_worker_defaults(engine_args: dict[str, Any], engine_sources: dict[str
 # -- KV events ------------------------------------------------------------------------------------
 
 
+_KV_EVENT_VARS = ("DYN_VLLM_KV_EVENT_PORT", "DYN_VLLM_KV_EVENT_REPLAY_PORT", "DYN_VLLM_KV_EVENT_HOST")
+
+
 def _kv_events(role: str, engine_args: dict[str, Any], engine_sources: dict[str, Source],
                env: Mapping[str, str], dp_rank: int | None, warnings: list[str]) -> tuple[int | None, int | None]:
-    """Set engine_args["kv_events_config"]; return the ports vLLM binds (or None)."""
+    """Set engine_args["kv_events_config"]; return the event and replay ports (or None).
+
+    The worker's default keeps every KV event socket on DYN_VLLM_KV_EVENT_HOST
+    (loopback): vLLM binds wildcard and ipc endpoints but connects to
+    ``tcp://host:port`` ones, so its PUB socket connects to the relay, which
+    binds that address, and its replay ROUTER socket (always bound) binds the
+    host's replay port. The user's own --kv-events-config is taken as given.
+    """
     user = engine_args.get("kv_events_config")
     if role == "decode" or role in ENGINELESS_ROLES:
         if user is not None:
@@ -202,20 +212,19 @@ def _kv_events(role: str, engine_args: dict[str, Any], engine_sources: dict[str,
     if not engine_args.get("enable_prefix_caching"):
         engine_args["kv_events_config"], engine_sources["kv_events_config"] = None, "default"
         return None, None
+    host = envs.get("DYN_VLLM_KV_EVENT_HOST", env)
     rank = dp_rank or 0
     if port - rank < 1:
         raise ConfigError(f"DYN_VLLM_KV_EVENT_PORT={port} minus --data-parallel-rank {rank} is not a port")
-    # vLLM adds the data-parallel rank back to the port it binds; subtracting it
-    # here keeps this worker's events on DYN_VLLM_KV_EVENT_PORT.
+    # vLLM adds the data-parallel rank back to both ports; subtracting it here
+    # keeps this worker's events on DYN_VLLM_KV_EVENT_PORT.
     engine_args["kv_events_config"] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://*:{port - rank}",
-        "replay_endpoint": f"tcp://*:{replay - rank}",
+        "endpoint": f"tcp://{host}:{port - rank}",
+        "replay_endpoint": f"tcp://{host}:{replay - rank}",
     }
-    engine_sources["kv_events_config"] = (
-        "env" if envs.is_set("DYN_VLLM_KV_EVENT_PORT", env) or envs.is_set("DYN_VLLM_KV_EVENT_REPLAY_PORT", env)
-        else "default")
+    engine_sources["kv_events_config"] = "env" if any(envs.is_set(v, env) for v in _KV_EVENT_VARS) else "default"
     return port, replay
 
 

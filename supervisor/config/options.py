@@ -28,7 +28,7 @@ G_PROCESS = "Process options"
 G_SYNTHETIC = "Synthetic engine (benchmarks and chaos tests)"
 G_VLLM = "vLLM engine options (AsyncEngineArgs, passed through to vLLM)"
 
-Kind = Literal["str", "bool", "flag", "int", "float", "port", "choice", "list", "json", "payload", "path"]
+Kind = Literal["str", "bool", "flag", "int", "float", "port", "host", "choice", "list", "json", "payload", "path"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class Option:
             return envs.float_parser(self.minimum, positive=self.positive)(text)
         if self.kind == "port":
             return _parse_flag_port(text)
+        if self.kind == "host":
+            return envs.parse_host(text)
         if self.kind == "choice":
             return envs.choice_parser(self.choices)(text)
         if self.kind == "list":
@@ -105,6 +107,8 @@ OPTIONS: tuple[Option, ...] = (
            env="DYN_EVENT_PLANE", choices=envs.EVENT_PLANES),
     Option("--request-plane-port", "port", "Port of the tcp request plane's listener (0 picks a free one).",
            env="DYN_REQUEST_PLANE_PORT"),
+    Option("--request-plane-host", "host", "Address the tcp request plane's listener binds (an IP address or "
+           "localhost; 0.0.0.0 or :: for every interface).", env="DYN_REQUEST_PLANE_HOST"),
     Option("--nats-server", "str", "NATS server URL(s), comma-separated (default: $NATS_SERVER, else "
            "nats://localhost:4222)."),
     Option("--etcd-endpoints", "str", "etcd endpoint(s), comma-separated (default: $ETCD_ENDPOINTS, else "
@@ -127,11 +131,13 @@ OPTIONS: tuple[Option, ...] = (
            env="DYN_VLLM_USE_TOKENIZER"),
     Option("--connector", "list", "KV connectors: nixl, lmcache, kvbm (several -> PdConnector), or none. "
            "Mutually exclusive with --kv-transfer-config.", env="DYN_CONNECTOR", metavar="CONNECTOR"),
-    Option("--system-host", "str", "Address of the system server (/live, /ready, /metrics).",
-           env="DYN_SYSTEM_HOST"),
+    Option("--system-host", "str", "Address of the system server (/live, /ready, /metrics, and the "
+           "/engine, /loras and chaos routes): keep it off public interfaces.", env="DYN_SYSTEM_HOST"),
     Option("--system-port", "port", "Port of the system server (0 picks a free one).", env="DYN_SYSTEM_PORT"),
     Option("--http-port", "port", "Serve OpenAI-compatible HTTP on this port (frontend default 8000).",
            env="DYN_HTTP_PORT"),
+    Option("--http-host", "host", "Address the OpenAI-compatible HTTP front binds (an IP address or "
+           "localhost; every interface by default, as vllm serve).", env="DYN_HTTP_HOST"),
     Option("--dump-config-to", "path", "Write the merged configuration (with the source of each value) "
            "as JSON to FILE.", env="DYN_DUMP_CONFIG_TO", metavar="FILE"),
     Option("--check-config", "flag", "Validate the configuration (and dump it if asked), then exit 0 "

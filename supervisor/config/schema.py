@@ -37,8 +37,11 @@ class Config:
     served_model_name: str | None = None
     log_level: str = "info"
     log_format: str = "auto"
+    # Three listeners, three addresses: the system server's routes (/engine/*,
+    # /loras, chaos) stay on loopback when the OpenAI port is exposed.
     system_host: str = "127.0.0.1"
     system_port: int = 0
+    http_host: str = "0.0.0.0"
     http_port: int | None = None
     enable_chaos: bool = False
     synthetic_step_ms: float = 10.0
@@ -53,6 +56,7 @@ class Config:
     discovery_backend: str = "file"
     request_plane: str = "tcp"
     event_plane: str = "zmq"
+    request_plane_host: str = "127.0.0.1"
     request_plane_port: int = 0
     nats_server: str | None = None  # None: NATS_SERVER, else the default (supervisor.planes.servers)
     etcd_endpoints: str | None = None  # None: ETCD_ENDPOINTS, else the default
@@ -77,8 +81,9 @@ class Config:
     data_parallel_rank: int | None = None
     data_parallel_size: int = 1
     tensor_parallel_size: int = 1
-    # The port vLLM binds its KV event PUB socket on for this worker's rank
-    # (and the replay ROUTER socket); None when this worker publishes no events.
+    # The port of this worker's KV event stream (the relay binds it and vLLM's
+    # PUB socket connects, unless a wildcard endpoint has vLLM bind it) and of
+    # vLLM's replay ROUTER socket; None when this worker publishes no events.
     kv_events_port: int | None = None
     kv_events_replay_port: int | None = None
     # Exactly what reaches ``AsyncEngineArgs(**engine_args)``: what the user set

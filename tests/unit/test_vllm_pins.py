@@ -91,8 +91,9 @@ def test_a_rendered_token_input_skips_the_renderer_thread_pool() -> None:
 
 
 def test_kv_event_ports_taken_names_the_port_vllm_would_fail_on() -> None:
-    """The check binds what vLLM's ZmqEventPublisher binds: the wildcard publisher
-    endpoint and the replay endpoint, each moved by the data-parallel rank."""
+    """The check binds what vLLM's ZmqEventPublisher binds (a wildcard publisher
+    endpoint, the replay endpoint) and what the relay binds for it (a publisher
+    endpoint with a host), each moved by the data-parallel rank."""
     import socket
 
     from actors.engine.vllm_backend import kv_event_ports_taken
@@ -114,8 +115,10 @@ def test_kv_event_ports_taken_names_the_port_vllm_would_fail_on() -> None:
         assert taken is not None and f"port {port}" in taken and "DYN_VLLM_KV_EVENT_PORT" in taken
         replay = kv_event_ports_taken(cfg(f"tcp://*:{free}", f"tcp://*:{port}"))
         assert replay is not None and "replay_endpoint" in replay
-        # vLLM connects (does not bind) a publisher endpoint with a host: nothing to check
-        assert kv_event_ports_taken(cfg(f"tcp://127.0.0.1:{port}")) is None
+        # vLLM connects to a publisher endpoint with a host: the relay binds it, so it is checked too
+        relay = kv_event_ports_taken(cfg(f"tcp://127.0.0.1:{port}"))
+        assert relay is not None and "KV event relay" in relay and f"port {port}" in relay
+        assert kv_event_ports_taken(cfg(f"tcp://127.0.0.1:{free}", f"tcp://127.0.0.1:{free_port()}")) is None
         # rank 1 binds port + 1
         ranked = kv_event_ports_taken(cfg(f"tcp://*:{port - 1}", data_parallel_rank=1))
         assert ranked is not None and f"port {port}" in ranked and "data-parallel rank 1" in ranked
