@@ -144,7 +144,8 @@ def test_engine_defaults_in_the_dump(synthetic: Any) -> None:
     assert run.engine_arg("enable_log_requests") is False
     assert run.engine_arg("block_size") == 16
     assert run.engine_arg("kv_events_config") == {"enable_kv_cache_events": True, "publisher": "zmq",
-                                                  "endpoint": "tcp://*:20080", "replay_endpoint": "tcp://*:21080"}
+                                                  "endpoint": "tcp://127.0.0.1:20080",
+                                                  "replay_endpoint": "tcp://127.0.0.1:21080"}
     assert run.value("kv_events_port") == 20080
 
 
@@ -208,7 +209,7 @@ def test_decode_workers_publish_no_kv_events(synthetic: Any) -> None:
 
 def test_kv_event_port_variable(synthetic: Any) -> None:
     run = synthetic(env={"DYN_VLLM_KV_EVENT_PORT": "24000"})
-    assert run.engine_arg("kv_events_config")["endpoint"] == "tcp://*:24000"
+    assert run.engine_arg("kv_events_config")["endpoint"] == "tcp://127.0.0.1:24000"
     assert run.dump["engine_args"]["kv_events_config"]["source"] == "env"
 
 
@@ -385,7 +386,8 @@ def test_vllm_flags_reach_the_engine_args(vllm_runs: _Background) -> None:
                                           "source": "cli"}
     assert args["distributed_executor_backend"] == {"value": "mp", "source": "default"}
     assert args["kv_events_config"] == {"value": {"enable_kv_cache_events": True, "publisher": "zmq",
-                                                  "endpoint": "tcp://*:22999", "replay_endpoint": "tcp://*:23999"},
+                                                  "endpoint": "tcp://127.0.0.1:22999",
+                                                  "replay_endpoint": "tcp://127.0.0.1:23999"},
                                         "source": "env"}
     assert args["enable_prefix_caching"] == {"value": True, "source": "default"}
     assert args["disable_log_stats"]["value"] is False and args["enable_log_requests"]["value"] is False

@@ -570,7 +570,7 @@ def test_kv_events_default() -> None:
     c = parse()
     assert c.engine_args["kv_events_config"] == {
         "enable_kv_cache_events": True, "publisher": "zmq",
-        "endpoint": "tcp://*:20080", "replay_endpoint": "tcp://*:21080"}
+        "endpoint": "tcp://127.0.0.1:20080", "replay_endpoint": "tcp://127.0.0.1:21080"}
     assert (c.kv_events_port, c.kv_events_replay_port, c.publishes_kv_events) == (20080, 21080, True)
     assert c.engine_arg_sources["kv_events_config"] == "default"
 
@@ -578,11 +578,11 @@ def test_kv_events_default() -> None:
 def test_kv_events_port_from_the_environment() -> None:
     c = parse(env={"DYN_VLLM_KV_EVENT_PORT": "25000"})
     assert c.kv_events_config == {"enable_kv_cache_events": True, "publisher": "zmq",
-                                  "endpoint": "tcp://*:25000", "replay_endpoint": "tcp://*:26000"}
+                                  "endpoint": "tcp://127.0.0.1:25000", "replay_endpoint": "tcp://127.0.0.1:26000"}
     assert c.engine_arg_sources["kv_events_config"] == "env" and c.sources["kv_events_port"] == "env"
     c = parse(env={"DYN_VLLM_KV_EVENT_PORT": "49000", "DYN_VLLM_KV_EVENT_REPLAY_PORT": "30000"})
     assert c.kv_events_replay_port == 30000 and c.kv_events_config is not None
-    assert c.kv_events_config["replay_endpoint"] == "tcp://*:30000"
+    assert c.kv_events_config["replay_endpoint"] == "tcp://127.0.0.1:30000"
     assert parse(env={"DYN_VLLM_KV_EVENT_PORT": "49000"}).kv_events_replay_port == 48000  # stays in range
 
 
@@ -847,7 +847,7 @@ def test_kv_events_port_minus_the_data_parallel_rank() -> None:
     c = parse_args(["--data-parallel-rank", "3"], {"DYN_VLLM_KV_EVENT_PORT": "24000"})
     assert c.data_parallel_rank == 3
     assert c.kv_events_config == {"enable_kv_cache_events": True, "publisher": "zmq",
-                                  "endpoint": "tcp://*:23997", "replay_endpoint": "tcp://*:24997"}
+                                  "endpoint": "tcp://127.0.0.1:23997", "replay_endpoint": "tcp://127.0.0.1:24997"}
     # vLLM adds the rank back: this worker's events are on the variable's port
     assert c.kv_events_port == 24000
 
@@ -974,8 +974,8 @@ def test_engine_args_are_accepted_by_vllm(tmp_path: Path) -> None:
                    {"DYN_VLLM_KV_EVENT_PORT": "22000"})
     vllm_config = AsyncEngineArgs(**c.engine_args).create_engine_config()
     assert vllm_config.kv_events_config and vllm_config.kv_transfer_config and vllm_config.ec_transfer_config
-    assert vllm_config.kv_events_config.endpoint == "tcp://*:22000"
-    assert vllm_config.kv_events_config.replay_endpoint == "tcp://*:23000"
+    assert vllm_config.kv_events_config.endpoint == "tcp://127.0.0.1:22000"
+    assert vllm_config.kv_events_config.replay_endpoint == "tcp://127.0.0.1:23000"
     assert vllm_config.kv_transfer_config.kv_connector == "LMCacheConnectorV1"
     assert vllm_config.ec_transfer_config.ec_role == "ec_consumer"
     assert vllm_config.cache_config.block_size == 32 and vllm_config.cache_config.enable_prefix_caching
