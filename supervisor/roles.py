@@ -21,7 +21,7 @@ from actors.kv_events import KvEventsRelay, KvEventsState, kv_event_sources
 from actors.metrics import MetricsActor, WorkerMetrics, vllm_metrics_source
 from actors.system import SystemRoutes, SystemServer
 
-from .config import Config
+from .config import Config, check_startable
 from .errors import ConfigError
 from .http import BoundSocket
 from .planes.discovery import Discovery, FileDiscovery, MemDiscovery
@@ -147,6 +147,7 @@ def dp_ranks(config: Config) -> list[int]:
 
 def build_tree(config: Config, registry: ActorRegistry | None = None,
                lifecycle: Lifecycle | None = None) -> Tree:
+    check_startable(config)  # what --check-config refuses, start refuses
     if config.role not in ("agg", "decode", "prefill"):
         raise ConfigError(f"--role {config.role}: not implemented yet (agg, decode and prefill are)")
     registry = registry or ActorRegistry()

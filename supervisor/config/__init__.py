@@ -20,7 +20,8 @@ Where things are:
 * :mod:`.sources` -- reading the command line, the environment and config files, and the
   precedence merge;
 * :mod:`.vllm_args` -- vLLM's flags through vLLM's own parser, imported only when needed;
-* :mod:`.rules` -- the rules that refuse a configuration (roles, identity, multimodal...);
+* :mod:`.rules` -- the rules that refuse a configuration (roles, identity, multimodal...),
+  and :func:`check_startable`, what the worker cannot start (``NOT_AVAILABLE_YET``);
 * :mod:`.engine_defaults` -- what the worker writes into vLLM's engine arguments (prefix
   caching, block size, ``enforce_eager``, KV transfer and KV events configs);
 * :mod:`.schema` -- :class:`Config` itself;
@@ -62,7 +63,7 @@ from .options import (
     build_parser,
 )
 from .parse import FRONTEND_HTTP_PORT, parse_args
-from .rules import CONNECTORS, MULTIMODAL_FLAGS, parse_endpoint
+from .rules import CONNECTORS, MULTIMODAL_FLAGS, NOT_AVAILABLE_YET, check_startable, parse_endpoint
 from .schema import DEFAULT_ENDPOINT, Config
 from .sources import Source, expand_path
 from .vllm_args import format_help, vllm_available
@@ -83,6 +84,7 @@ __all__ = [
     "G_WORKER",
     "KV_EVENTS_REPLAY_OFFSET",
     "MULTIMODAL_FLAGS",
+    "NOT_AVAILABLE_YET",
     "OPTIONS",
     "OPTIONS_BY_DEST",
     "ROLES",
@@ -94,6 +96,7 @@ __all__ = [
     "Source",
     "_is_routable",
     "build_parser",
+    "check_startable",
     "config_dump",
     "detect_side_channel_host",
     "expand_path",

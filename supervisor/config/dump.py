@@ -1,6 +1,7 @@
 """``--dump-config-to FILE`` and ``--check-config``: the merged configuration as
 JSON, each value with its source (``cli``, ``env``, ``file`` or ``default``), and
-:func:`run_config_actions`, which the CLI calls once the configuration is valid.
+:func:`run_config_actions`, which the CLI calls once the configuration is parsed,
+before anything starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .rules import check_startable
 from .schema import Config, _jsonable
 
 _DUMP_SKIP = frozenset({"engine_args", "sources", "engine_arg_sources", "warnings"})
@@ -33,7 +35,10 @@ def config_dump(config: Config) -> dict[str, Any]:
 
 
 def run_config_actions(config: Config) -> bool:
-    """Write the dump if asked; True when the process must exit 0 now (--check-config)."""
+    """Refuse what the worker could not start (:func:`~.rules.check_startable`), so
+    --check-config says "valid" exactly when the worker would start; write the dump
+    if asked; True when the process must exit 0 now (--check-config)."""
+    check_startable(config)
     if config.dump_config_to:
         path = Path(config.dump_config_to)
         try:

@@ -6,19 +6,26 @@ Single values are checked as they are read (their parsers live in
 :mod:`supervisor.envs` and :mod:`.options`); the rules here are the ones that
 look at several settings at once (roles and their legacy spellings, identity,
 multimodal roles) or at something outside the command line (a template file).
+
+:func:`check_startable` is the last rule: what the worker accepts (Dynamo's whole
+set of roles and planes) but cannot start yet, and a model it would not find.
+``--check-config`` and the start of the worker both call it, so the one says
+"valid" exactly when the other starts.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import envs
 from ..errors import ConfigError
 from .options import OPTIONS_BY_DEST
-from .schema import DEFAULT_ENDPOINT
+from .schema import DEFAULT_ENDPOINT, Config
 from .sources import _RANK, Source, _Settings, expand_path
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -204,3 +211,78 @@ def _check_multimodal(s: _Settings, role: str, multimodal_role: str | None) -> b
         raise ConfigError(f"{who}: --ec-storage-path is required by the ECExampleConnector backend "
                           "(the shared directory encoder outputs are written to and read from)")
     return uses_ec
+
+
+# -- what can start -----------------------------------------------------------------------------------
+
+# Values the parser accepts (they are Dynamo's) but the worker cannot start yet, by
+# Config field. The one list both --check-config and start read: shrink it as roles
+# and planes get built.
+NOT_AVAILABLE_YET: Mapping[str, tuple[str, ...]] = {
+    "role": ("encode", "processor", "frontend"),
+    "request_plane": ("http",),
+    "event_plane": ("nats",),
+}
+_ALL_VALUES: Mapping[str, tuple[str, ...]] = {
+    "role": envs.ROLES, "request_plane": envs.REQUEST_PLANES, "event_plane": envs.EVENT_PLANES,
+}
+_HF_TRUE = frozenset({"1", "ON", "YES", "TRUE"})  # how huggingface_hub reads HF_HUB_OFFLINE
+
+
+def check_startable(config: Config, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse, with one line naming the flag, a configuration the worker cannot start:
+    a role or plane that is not available yet (:data:`NOT_AVAILABLE_YET`), or, with
+    ``--engine vllm``, a ``--model`` that is neither a path that exists nor a model in
+    the local Hugging Face cache (the worker runs with HF_HUB_OFFLINE=1 unless told
+    otherwise)."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    for field_name, missing in NOT_AVAILABLE_YET.items():
+        value = getattr(config, field_name)
+        if value in missing:
+            available = [v for v in _ALL_VALUES[field_name] if v not in missing]
+            raise ConfigError(f"{_named(config, field_name)} {value}{_origin(config, field_name)}: not available "
+                              f"yet (available: {', '.join(available)})")
+    if config.engine == "vllm" and config.model is not None:
+        _check_model(config, env)
+
+
+def _named(config: Config, field_name: str) -> str:
+    return OPTIONS_BY_DEST[field_name].flag
+
+
+def _origin(config: Config, field_name: str) -> str:
+    """`` (from DYN_X)`` or `` (in FILE)`` when the value did not come from the command line."""
+    source = config.sources.get(field_name, "default")
+    opt = OPTIONS_BY_DEST.get(field_name)
+    if source == "env" and opt is not None and opt.env and field_name != "role":
+        return f" (from {opt.env})"  # a role may come from several variables: not named
+    if source == "env":
+        return " (from the environment)"
+    if source == "file":
+        return f" (in {config.config_file})"
+    return ""
+
+
+def _check_model(config: Config, env: Mapping[str, str]) -> None:
+    model = str(config.model)
+    where = f"--model {model}{_origin(config, 'model')}"
+    if Path(os.path.expanduser(model)).exists():
+        return  # a model directory (or a GGUF file): vLLM says whether it can load it
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # comes with vLLM; without it there is no cache to look in
+        raise ConfigError(f"{where}: no such file or directory") from None
+    offline = env.get("HF_HUB_OFFLINE", "1").strip().upper() in _HF_TRUE  # the worker's default is 1
+    args = config.engine_args
+    try:
+        # Only reads the cache (and checks the name is a repo id): never the network.
+        snapshot_download(model, revision=args.get("revision"), cache_dir=args.get("download_dir"),
+                          local_files_only=True)
+    except HFValidationError:  # not a repo id either: a path that is not there
+        raise ConfigError(f"{where}: no such file or directory") from None
+    except Exception:  # LocalEntryNotFoundError, or a cache it cannot read: either way not there
+        if offline:
+            raise ConfigError(f"{where}: no such directory, and not a model in the local Hugging Face cache "
+                              "(the worker runs offline, HF_HUB_OFFLINE=1): give a model directory") from None
+        # HF_HUB_OFFLINE is off: vLLM may download it
