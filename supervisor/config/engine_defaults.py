@@ -154,12 +154,16 @@ def detect_side_channel_host() -> str | None:
     return None
 
 
+VLLM_WORKER_SETUP = "actors.engine.vllm_worker.WorkerSetup"
+
+
 # -- the worker's engine defaults -------------------------------------------------------------------
 
 
 def _apply_worker_defaults(engine_args: dict[str, Any], engine_sources: dict[str, Source], *, engine: str,
                            vllm_loaded: bool) -> None:
-    """Prefix caching on, request logging off, stats on; the block size; eager mode on CPU."""
+    """Prefix caching on, request logging off, stats on; the block size; eager mode and the
+    worker setup (AMX permission) on CPU."""
     _set_default(engine_args, engine_sources, "enable_prefix_caching", True)
     _set_default(engine_args, engine_sources, "enable_log_requests", False)
     _set_default(engine_args, engine_sources, "disable_log_stats", False)
@@ -173,6 +177,9 @@ def _apply_worker_defaults(engine_args: dict[str, Any], engine_sources: dict[str
             # SmolLM2 (measured: "L'Étoile, la Marseillaise..." instead of
             # "The capital of France is Paris."); eager mode is right.
             _set_default(engine_args, engine_sources, "enforce_eager", True)
+            # vLLM's AMX attention kernel needs a per-process permission it never asks for
+            # (actors/engine/vllm_worker.py): ask in each worker process
+            _set_default(engine_args, engine_sources, "worker_extension_cls", VLLM_WORKER_SETUP)
 
 
 # -- KV events ------------------------------------------------------------------------------------
