@@ -1,4 +1,4 @@
-"""The request plane's frames, and the errors a request can end with.
+"""The request plane's frames.
 
 On TCP each frame is a 4-byte big-endian length followed by a msgpack map;
 on NATS a message body is one msgpack map (no length prefix). Frames:
@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from .errors import FrameError
+
 __all__ = [
     "MAX_FRAME",
     "PROBE_HEADER",
@@ -28,7 +30,6 @@ __all__ = [
     "FrameError",
     "FrameReader",
     "Request",
-    "RequestError",
     "decode_frame",
     "encode_frame",
 ]
@@ -69,28 +70,6 @@ Frame = Request | Cancel | Data | Error | End
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
-
-
-class FrameError(Exception):
-    """A frame that cannot be decoded: bad length, not msgpack, wrong shape."""
-
-
-class RequestError(Exception):
-    """Ends one request with a structured error; the worker carries on.
-
-    ``code`` is a short machine-readable word (``invalid_request``,
-    ``not_found``, ``engine_dead``, ``shutting_down``, ``internal``...);
-    ``migratable`` tells a router it may retry the request on another worker.
-    """
-
-    def __init__(self, code: str, message: str, *, migratable: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.migratable = migratable
-
-    def to_frame(self, request_id: str) -> Error:
-        return Error(request_id, self.code, self.message, self.migratable)
 
 
 def encode_body(frame: Frame) -> bytes:

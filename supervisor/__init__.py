@@ -1,7 +1,7 @@
 """The worker process: a generic supervisor tree on trio, plus the CLI, config,
 signals, logs and planes that make it an LLM inference worker."""
 
-from .errors import ActorKilled, ConfigError, EngineDead, Escalation, StartFailed, SupervisorError
+from .errors import ActorKilled, ConfigError, Escalation, StartFailed, SupervisorError
 from .tree import ActorContext, ActorRegistry, Backoff, ChildSpec, Restart, Strategy, Supervisor
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "Backoff",
     "ChildSpec",
     "ConfigError",
-    "EngineDead",
     "Escalation",
     "Restart",
     "StartFailed",

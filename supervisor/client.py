@@ -51,23 +51,14 @@ from actors.protocol import (
     encode_frame,
 )
 from supervisor.aio import open_asyncio_loop
+from supervisor.errors import CallError, ServerUnavailable
 from supervisor.planes.discovery import Discovery, FileDiscovery, InstanceRecord, MemDiscovery
-from supervisor.planes.servers import ServerUnavailable, close_nats, connect_nats, split_urls
+from supervisor.planes.servers import close_nats, connect_nats, split_urls
 
 # how long leaving a call early waits for the worker to end the request
 CANCEL_ACK_TIMEOUT = 1.0
 
 __all__ = ["Call", "CallError", "NatsCall", "find_instances", "main", "make_discovery", "open_call"]
-
-
-class CallError(Exception):
-    """The worker ended the request with an error frame."""
-
-    def __init__(self, code: str, message: str, migratable: bool) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.migratable = migratable
 
 
 def _split_address(address: str) -> tuple[str, int]:

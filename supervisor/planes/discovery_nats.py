@@ -30,8 +30,10 @@ import structlog
 import trio
 import trio_asyncio
 
+from supervisor.errors import DiscoveryBucketError, ServerUnavailable
+
 from .discovery import InstanceRecord, _matches
-from .servers import CONNECT_TIMEOUT, ServerUnavailable, close_nats, connect_nats, split_urls
+from .servers import CONNECT_TIMEOUT, close_nats, connect_nats, split_urls
 
 __all__ = ["DEFAULT_BUCKET", "DiscoveryBucketError", "NatsDiscovery"]
 
@@ -41,8 +43,6 @@ LIST_TIMEOUT = 5.0
 _log = structlog.get_logger("supervisor.planes.discovery_nats")
 
 
-class DiscoveryBucketError(RuntimeError):
-    """The KV bucket exists with settings that cannot keep this registration."""
 
 
 class NatsDiscovery:

@@ -25,6 +25,8 @@ import structlog
 import trio
 import trio_asyncio
 
+from supervisor.errors import ServerUnavailable
+
 __all__ = [
     "DEFAULT_ETCD_ENDPOINT",
     "DEFAULT_NATS_SERVER",
@@ -45,8 +47,6 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach a server at startup before saying so
 _log = structlog.get_logger("supervisor.planes.servers")
 
 
-class ServerUnavailable(ConnectionError):
-    """A plane's server (NATS, etcd) cannot be reached; the message names its address."""
 
 
 def split_urls(text: str | Sequence[str] | None) -> list[str]:
