@@ -1,7 +1,7 @@
 """The engine actor and its backends."""
 
 from .actor import EngineActor, EngineRef, EngineStream
-from .base import EngineBackend, EngineInfo, EngineRequest, RequestFailed, StepOutput
+from .base import EngineBackend, EngineInfo, EngineRequest, LoraAdapter, StepOutput
 
 __all__ = [
     "EngineActor",
@@ -10,6 +10,6 @@ __all__ = [
     "EngineRef",
     "EngineRequest",
     "EngineStream",
-    "RequestFailed",
+    "LoraAdapter",
     "StepOutput",
 ]

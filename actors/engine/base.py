@@ -7,13 +7,11 @@ from typing import Any, Protocol
 
 import trio
 
-from supervisor.errors import EngineDead
-
 __all__ = [
     "EngineBackend",
     "EngineInfo",
     "EngineRequest",
-    "RequestFailed",
+    "LoraAdapter",
     "StepOutput",
     "Stream",
 ]
@@ -37,40 +35,55 @@ class EngineInfo:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     lora_enabled: bool = False
     max_loras: int = 0
+    vocab_size: int = 0
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    name: str
+    lora_id: int
+    path: str
 
 
 @dataclass
 class EngineRequest:
     """A request the engine can run: tokens plus backend-ready sampling."""
 
-    request_id: str
+    request_id: str  # unique among the engine's running requests
     token_ids: list[int]
     max_tokens: int
-    sampling: Any = None  # backend specific (vllm.SamplingParams for vLLM)
-    lora: Any = None
+    sampling: Any = None  # SamplingParams keyword arguments (see actors.handlers.build_sampling)
+    lora: LoraAdapter | None = None
     annotations: list[str] = field(default_factory=list)
     priority: int = 0
     dp_rank: int | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    n: int = 1  # samples; each output says which one it belongs to (StepOutput.index)
 
 
 @dataclass
 class StepOutput:
-    """One engine step's worth of output for one request."""
+    """One engine step's worth of output for one sample of one request.
+
+    A request with ``n`` samples yields outputs of every sample, interleaved;
+    ``index`` says which. ``finish_reason`` ends that sample; ``final`` marks the
+    request's last output, which carries the usage of the whole request.
+    """
 
     token_ids: list[int]
+    index: int = 0
     log_probs: list[float] | None = None
+    # per token: the top candidates (and the sampled one), {"token_id", "logprob", "rank", "token"}
     top_logprobs: list[list[dict[str, Any]]] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or token that ended the sample
+    final: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
-    text: str | None = None
-
-
-class RequestFailed(Exception):
-    """The engine refused or failed one request; the engine itself is fine."""
+    text: str | None = None  # the engine's own detokenization of token_ids, when it does that
+    # on a request's first output, when asked: per prompt token (the first is None), as top_logprobs
+    prompt_logprobs: list[list[dict[str, Any]] | None] | None = None
 
 
 # What a per-request stream carries: outputs, then possibly an error instead of more.
@@ -82,7 +95,9 @@ class EngineBackend(Protocol):
 
     ``run`` loads the engine, calls ``task_status.started(info)`` and runs until
     cancelled (then shuts the engine down, bounded) or until the engine dies
-    (then raises :class:`EngineDead` after failing every open stream).
+    (then raises :class:`~actors.errors.EngineDead` after failing every open stream).
+    Every other method raises ``EngineDead`` when the engine is gone, and
+    :class:`~actors.errors.RequestFailed` when it refuses one operation.
     """
 
     name: str
@@ -91,17 +106,23 @@ class EngineBackend(Protocol):
 
     async def submit(self, request: EngineRequest) -> Stream:
         """Start a request; outputs arrive on the returned channel, which is
-        closed after the last one (``finish_reason`` set) or after an error."""
+        closed after the last one (``final`` set) or after an error."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
 
     async def check_health(self) -> None:
-        """Return if healthy; raise :class:`EngineDead` if not."""
+        """Return if healthy; raise ``EngineDead`` if not."""
         ...
 
     async def reset_prefix_cache(self) -> None: ...
 
+    async def sleep(self, level: int) -> None:
+        """Stop scheduling (and free what the platform can) until :meth:`wake_up`."""
+        ...
 
-def dead(reason: str) -> EngineDead:
-    return EngineDead(reason)
+    async def wake_up(self, tags: list[str] | None) -> None: ...
+
+    async def add_lora(self, adapter: LoraAdapter) -> None: ...
+
+    async def remove_lora(self, lora_id: int) -> None: ...

@@ -2,7 +2,8 @@
 chaos tests. Every behaviour it fakes is also tested on real vLLM.
 
 It batches like a real engine: every ``step_s`` one step advances every running
-request by one token. Token ``i`` of a request is ``(sum(prompt) + i) % vocab``.
+request by one token per sample. Token ``i`` of sample ``j`` of a request is
+``(sum(prompt) + i + 7 * j) % vocab``.
 It can be told to die (all streams fail, ``run`` raises :class:`EngineDead`), to
 hang (steps and health checks stop answering), or to fail one request (the
 annotation ``synthetic:fail``).
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from supervisor.errors import EngineDead
-
-from .base import EngineInfo, EngineRequest, RequestFailed, StepOutput, Stream
+from ..errors import EngineDead, RequestFailed
+from .base import EngineInfo, EngineRequest, LoraAdapter, StepOutput, Stream
 
 _log = structlog.get_logger("actors.engine.synthetic")
 
@@ -61,6 +61,7 @@ class SyntheticEngine:
             load_time_s=load_s,
             bos_token_id=1,
             eos_token_ids=(2,),
+            vocab_size=vocab_size,
         )
         self._load_s = load_s
         self._die_after_s = die_after_s
@@ -72,6 +73,7 @@ class SyntheticEngine:
         self._paused = False
         self._alive = False
         self.aborted: list[str] = []
+        self.loras: dict[int, LoraAdapter] = {}
         self.steps = 0
         self.prefix_cache_resets = 0
 
@@ -135,23 +137,24 @@ class SyntheticEngine:
         finished: list[str] = []
         for request_id, run in self._running.items():
             req = run.request
-            token = (run.base + run.produced) % self.vocab_size
+            outs: list[StepOutput] = []
+            for sample in range(req.n):
+                token = (run.base + run.produced + 7 * sample) % self.vocab_size
+                done = run.produced + 1 >= req.max_tokens
+                outs.append(StepOutput(token_ids=[token], index=sample, finish_reason="length" if done else None))
             run.produced += 1
-            finish = "length" if run.produced >= req.max_tokens else None
-            out = StepOutput(token_ids=[token], finish_reason=finish)
-            if finish is not None:
-                out.prompt_tokens = len(req.token_ids)
-                out.completion_tokens = run.produced
+            if run.produced >= req.max_tokens:
+                last = outs[-1]
+                last.final = True
+                last.prompt_tokens = len(req.token_ids)
+                last.completion_tokens = run.produced * req.n
                 finished.append(request_id)
             try:
-                run.send.send_nowait(out)
+                for out in outs:
+                    run.send.send_nowait(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 finished.append(request_id)  # consumer went away without abort
-            except trio.WouldBlock:
-                # the consumer is behind: a real engine would not wait either;
-                # the channel is unbounded, so this does not happen
-                raise
-            if finish is not None:
+            if run.produced >= req.max_tokens:
                 run.send.close()
         for request_id in finished:
             self._running.pop(request_id, None)
@@ -193,17 +196,20 @@ class SyntheticEngine:
     async def reset_prefix_cache(self) -> None:
         self.prefix_cache_resets += 1
 
-    async def sleep(self, level: int = 1) -> None:
+    async def sleep(self, level: int) -> None:
         """Like vLLM on CPU: pause scheduling, drop the prefix cache."""
         self._paused = True
         self.prefix_cache_resets += 1
 
-    async def wake_up(self, tags: list[str] | None = None) -> None:
+    async def wake_up(self, tags: list[str] | None) -> None:
         self._paused = False
         self._wakeup.set()
 
-    async def is_sleeping(self) -> bool:
-        return self._paused
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        self.loras[adapter.lora_id] = adapter
+
+    async def remove_lora(self, lora_id: int) -> None:
+        self.loras.pop(lora_id, None)
 
     def _fail_all(self, error: BaseException) -> None:
         for run in self._running.values():

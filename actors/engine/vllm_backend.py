@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 import trio
 import trio_asyncio
 
-from supervisor.errors import EngineDead
-
-from .base import EngineInfo, EngineRequest, RequestFailed, StepOutput, Stream
+from ..errors import EngineDead, RequestFailed
+from .base import EngineInfo, EngineRequest, LoraAdapter, StepOutput, Stream
 
 __all__ = ["SUPPORTED_VLLM", "VllmEngine", "kv_event_ports_taken", "vllm_version"]
 
@@ -48,60 +47,77 @@ def vllm_version() -> str:
     return str(vllm.__version__)
 
 
-class _Forwarder:
-    """Stands in for ``RequestOutputCollector.put`` of one request."""
+def _candidates(entry: Mapping[int, Any]) -> list[dict[str, Any]]:
+    return [{"token_id": int(tid), "logprob": float(lp.logprob), "rank": lp.rank, "token": lp.decoded_token}
+            for tid, lp in entry.items()]
 
-    __slots__ = ("completion_tokens", "done", "send")
+
+class _Forwarder:
+    """Stands in for ``RequestOutputCollector.put`` of one request: each
+    ``RequestOutput`` becomes one :class:`StepOutput` per sample it carries."""
+
+    __slots__ = ("completion_tokens", "done", "first", "send")
 
     def __init__(self, send: trio.MemorySendChannel[StepOutput | BaseException]) -> None:
         self.send = send
-        self.completion_tokens = 0
+        self.completion_tokens = 0  # all samples together, as usage counts them
         self.done = False
+        self.first = True
 
     def put(self, output: Any) -> None:
         if self.done:
             return
-        item: StepOutput | BaseException
+        items: Sequence[StepOutput | BaseException]
         if isinstance(output, Exception):
-            item = _map_error(output)
+            items = [_map_error(output)]
             self.done = True
         else:
-            item = self.convert(output)
+            items = list(self.convert(output))
             self.done = bool(output.finished)
         try:
-            self.send.send_nowait(item)
+            for item in items:
+                self.send.send_nowait(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.done = True  # the consumer left; abort is on its way
             return
         if self.done:
             self.send.close()
 
-    def convert(self, output: Any) -> StepOutput:
-        completion = output.outputs[0] if output.outputs else None
-        token_ids = list(completion.token_ids) if completion is not None else []
-        self.completion_tokens += len(token_ids)
-        step = StepOutput(token_ids=token_ids, text=completion.text if completion is not None else None)
-        if completion is not None and completion.logprobs:
-            step.log_probs = []
-            step.top_logprobs = []
-            for tok, entry in zip(token_ids, completion.logprobs, strict=False):
-                chosen = entry.get(tok)
-                step.log_probs.append(float(chosen.logprob) if chosen is not None else float("nan"))
-                step.top_logprobs.append(
-                    [
-                        {"token_id": int(tid), "logprob": float(lp.logprob), "rank": lp.rank,
-                         "token": lp.decoded_token}
-                        for tid, lp in entry.items()
-                    ]
-                )
+    def convert(self, output: Any) -> list[StepOutput]:
+        steps: list[StepOutput] = []
+        for completion in output.outputs:
+            token_ids = list(completion.token_ids)
+            self.completion_tokens += len(token_ids)
+            step = StepOutput(token_ids=token_ids, index=int(completion.index), text=completion.text)
+            if completion.logprobs:
+                step.log_probs = []
+                step.top_logprobs = []
+                for tok, entry in zip(token_ids, completion.logprobs, strict=False):
+                    chosen = entry.get(tok)
+                    step.log_probs.append(float(chosen.logprob) if chosen is not None else float("nan"))
+                    step.top_logprobs.append(_candidates(entry))
+            if completion.finish_reason is not None:
+                step.finish_reason = {"abort": "cancelled"}.get(completion.finish_reason, completion.finish_reason)
+                step.stop_reason = completion.stop_reason
+            steps.append(step)
+        if not steps:  # a step with nothing for any sample (a prefill's end, an abort)
+            steps.append(StepOutput(token_ids=[]))
+        if self.first:
+            self.first = False
+            if output.prompt_logprobs is not None:
+                steps[0].prompt_logprobs = [None if entry is None else _candidates(entry)
+                                            for entry in output.prompt_logprobs]
         if output.finished:
-            reason = completion.finish_reason if completion is not None else None
-            step.finish_reason = {"abort": "cancelled"}.get(reason or "", reason or "stop")
-            step.prompt_tokens = len(output.prompt_token_ids or [])
-            step.completion_tokens = self.completion_tokens
-            step.cached_tokens = int(output.num_cached_tokens or 0)
-            step.kv_transfer_params = getattr(output, "kv_transfer_params", None)
-        return step
+            last = steps[-1]
+            last.final = True
+            if last.finish_reason is None and len(output.outputs) <= 1:
+                reason = output.outputs[0].finish_reason if output.outputs else None
+                last.finish_reason = {"abort": "cancelled"}.get(reason or "", reason or "stop")
+            last.prompt_tokens = len(output.prompt_token_ids or [])
+            last.completion_tokens = self.completion_tokens
+            last.cached_tokens = int(output.num_cached_tokens or 0)
+            last.kv_transfer_params = getattr(output, "kv_transfer_params", None)
+        return steps
 
 
 def _sampling_params(cls: Any, kwargs: dict[str, Any]) -> Any:
@@ -115,13 +131,12 @@ def _sampling_params(cls: Any, kwargs: dict[str, Any]) -> Any:
     return params
 
 
-def _lora_request(adapter: Any) -> Any:
+def _lora_request(adapter: LoraAdapter | None) -> Any:
     if adapter is None:
         return None
     from vllm.lora.request import LoRARequest
 
-    name, lora_id, path = adapter
-    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=adapter.path)
 
 
 def _map_error(exc: BaseException) -> BaseException:
@@ -278,6 +293,7 @@ class VllmEngine:
             generation_defaults=self.generation_defaults,
             lora_enabled=cfg.lora_config is not None,
             max_loras=int(cfg.lora_config.max_loras) if cfg.lora_config is not None else 0,
+            vocab_size=int(cfg.model_config.get_vocab_size()),
         )
 
     async def _shutdown(self) -> None:
@@ -367,23 +383,18 @@ class VllmEngine:
     async def reset_prefix_cache(self) -> None:
         await self._aio("reset_prefix_cache")
 
-    async def sleep(self, level: int = 1) -> None:
+    async def sleep(self, level: int) -> None:
         await self._aio("sleep", level)
 
-    async def wake_up(self, tags: list[str] | None = None) -> None:
+    async def wake_up(self, tags: list[str] | None) -> None:
         await self._aio("wake_up", tags)
 
-    async def is_sleeping(self) -> bool:
-        return bool(await self._aio("is_sleeping"))
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        if not await self._aio("add_lora", _lora_request(adapter)):
+            raise RequestFailed(f"vLLM did not load LoRA adapter {adapter.name!r} from {adapter.path}")
 
-    async def add_lora(self, adapter: tuple[str, int, str]) -> bool:
-        return bool(await self._aio("add_lora", _lora_request(adapter)))
-
-    async def remove_lora(self, lora_id: int) -> bool:
-        return bool(await self._aio("remove_lora", lora_id))
-
-    async def list_loras(self) -> set[int]:
-        return set(await self._aio("list_loras"))
+    async def remove_lora(self, lora_id: int) -> None:
+        await self._aio("remove_lora", lora_id)
 
     async def _aio(self, method: str, *args: Any) -> Any:
         if self.llm is None:
