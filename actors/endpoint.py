@@ -1,4 +1,4 @@
-"""The endpoint server: the request plane (TCP or NATS), registration, drain.
+"""The endpoint server: the request plane (TCP or NATS) and registration.
 
 It is a small supervisor of its own::
 
@@ -9,8 +9,9 @@ It is a small supervisor of its own::
 
 With ``request_plane="nats"`` the first two are the NATS plane's ``requests``
 and ``listener`` (:mod:`actors.nats_plane`). Both planes run each request
-through :meth:`EndpointServer.serve_request`, which knows nothing of the
-transport: it gets a ``send_frame`` callback and the request's control.
+through the worker's request pipeline (:mod:`actors.request_plane`), which
+knows nothing of the transport: it gets a ``send_frame`` callback and the
+request's control. Drain and abort on shutdown belong to the pipeline.
 
 Killing the listener does not cut streams in flight: they live under
 ``connections``. The listening socket, the in-flight table and the
@@ -22,37 +23,28 @@ from __future__ import annotations
 import functools
 import math
 import os
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import trio
 
-from supervisor.errors import EngineDead
 from supervisor.http import BoundSocket
 from supervisor.planes.discovery import Discovery, InstanceRecord
 from supervisor.signals import Lifecycle
 from supervisor.tree import ActorContext, ChildSpec, Restart, Strategy, Supervisor, TaskStatus
 
 from .engine.actor import EngineRef
-from .handlers import Handlers, Inflight, RequestControl, route_client_frame
+from .errors import ErrorCode, FrameError, RequestError
+from .handlers import Handlers
 from .nats_plane import NatsRequestPlane, request_subject
-from .protocol import (
-    Data,
-    End,
-    Error,
-    Frame,
-    FrameError,
-    FrameReader,
-    Request,
-    RequestError,
-    encode_frame,
-)
+from .pipeline import AbortReason, RequestControl, RequestPipeline
+from .protocol import Frame, FrameReader, Request, encode_frame
+from .request_plane import SendFrame, error_frame, route_client_frame, serve_request
 
-__all__ = ["EndpointServer", "Registration", "RequestObserver"]
+__all__ = ["EndpointServer", "Registration"]
 
 _log = structlog.get_logger("actors.endpoint")
 
@@ -60,9 +52,6 @@ READ_SIZE = 65536
 PARTIAL_FRAME_TIMEOUT = 30.0  # a frame started must be finished within this
 SEND_QUEUE = 256
 REQUEST_PLANES = ("tcp", "nats")
-
-SendFrame = Callable[[Frame], Awaitable[None]]
-
 
 @dataclass
 class Registration:
@@ -72,16 +61,6 @@ class Registration:
     registered: bool = False
     asleep: bool = False  # deregistered on purpose (sleep): stay out of discovery
     ttl: float = 10.0
-
-
-class RequestObserver(Protocol):
-    """Told when a request to a known endpoint starts and how it ended
-    (``status``: ok, error with its ``code``, or cancelled). Owned above the
-    server (metrics), so restarts never reset what it counted."""
-
-    def started(self, endpoint: str) -> None: ...
-
-    def finished(self, endpoint: str, status: str, seconds: float, code: str | None = None) -> None: ...
 
 
 @dataclass
@@ -100,7 +79,7 @@ class EndpointServer:
         handlers: Handlers,
         bound: BoundSocket | None,
         lifecycle: Lifecycle,
-        inflight: Inflight,
+        pipeline: RequestPipeline,
         *,
         discovery: Discovery,
         namespace: str,
@@ -109,7 +88,6 @@ class EndpointServer:
         engine: EngineRef,
         registration: Registration,
         advertise_host: str | None = None,
-        observer: RequestObserver | None = None,
         instance_id: str | None = None,
         request_plane: str = "tcp",
         nats_servers: Sequence[str] = (),
@@ -117,7 +95,7 @@ class EndpointServer:
         self.handlers = handlers
         self.bound = bound
         self.lifecycle = lifecycle
-        self.inflight = inflight
+        self.pipeline = pipeline
         self.discovery = discovery
         self.namespace = namespace
         self.component = component
@@ -125,7 +103,6 @@ class EndpointServer:
         self.engine = engine
         self.registration = registration
         self.advertise_host = advertise_host or (bound.host if bound is not None else "")
-        self.observer = observer
         self.instance_id = instance_id or uuid.uuid4().hex[:16]
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: expected one of {', '.join(REQUEST_PLANES)}")
@@ -138,8 +115,6 @@ class EndpointServer:
             self.nats = NatsRequestPlane(nats_servers, subject, self.serve_request)
         self._accepted_send, self._accepted_recv = trio.open_memory_channel[trio.SocketStream](math.inf)
         lifecycle.on_deregister("endpoint", self._deregister)
-        lifecycle.on_drain("endpoint", self._drain)
-        lifecycle.on_abort("endpoint", self._abort_inflight)
 
     def spec(self) -> ChildSpec:
         plane = self.nats.children() if self.nats is not None else [
@@ -184,7 +159,7 @@ class EndpointServer:
                     await self._read_loop(conn, reader, nursery)
                 finally:
                     for control in list(conn.requests.values()):
-                        control.cancel("client disconnected")
+                        control.cancel(AbortReason.CLIENT_DISCONNECTED)
                     await send.aclose()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             # the client went away (a reset arrives wrapped in the nursery's group): this
@@ -201,7 +176,8 @@ class EndpointServer:
                 data = await conn.stream.receive_some(READ_SIZE)
             if scope.cancelled_caught:
                 _log.warning("request_plane.slow_client", pending_bytes=reader.pending)
-                await self._send_error(conn, "", "timeout", f"incomplete frame for {PARTIAL_FRAME_TIMEOUT}s")
+                await self._send_error(conn, "", RequestError(
+                    ErrorCode.TIMEOUT, f"incomplete frame for {PARTIAL_FRAME_TIMEOUT}s", migratable=False))
                 return
             if not data:
                 return
@@ -210,7 +186,7 @@ class EndpointServer:
             except FrameError as exc:
                 # we cannot find the next frame boundary: say why and hang up
                 _log.warning("request_plane.bad_frame", error=str(exc))
-                await self._send_error(conn, "", "invalid_frame", str(exc))
+                await self._send_error(conn, "", RequestError(ErrorCode.INVALID_FRAME, str(exc)))
                 return
             for frame in frames:
                 self._dispatch(conn, frame, nursery)
@@ -219,7 +195,7 @@ class EndpointServer:
         route_client_frame(
             frame, conn.requests,
             start=lambda req, control: nursery.start_soon(self._run_request, conn, req, control),
-            refuse=lambda rid, code, msg: nursery.start_soon(self._send_error, conn, rid, code, msg),
+            refuse=lambda rid, error: nursery.start_soon(self._send_error, conn, rid, error),
             where="this connection",
         )
 
@@ -254,83 +230,19 @@ class EndpointServer:
             conn.backlog -= 1  # not queued (cancelled while the queue was full)
             raise
 
-    async def _send_error(self, conn: _Conn, request_id: str, code: str, message: str,
-                          migratable: bool = False) -> None:
-        await self._send(conn, Error(request_id, code, message, migratable))
+    async def _send_error(self, conn: _Conn, request_id: str, error: RequestError) -> None:
+        await self._send(conn, error_frame(request_id, error))
 
     # -- one request -----------------------------------------------------------
     async def _run_request(self, conn: _Conn, req: Request, control: RequestControl) -> None:
         try:
-            await self.serve_request(req.endpoint, req.payload, req.id, functools.partial(self._send, conn),
-                                     control)
+            await self.serve_request(req, functools.partial(self._send, conn), control)
         finally:
             conn.requests.pop(req.id, None)
 
-    async def serve_request(self, endpoint_name: str, payload: Any, request_id: str, send_frame: SendFrame,
-                            control: RequestControl) -> None:
-        """Run one request, whatever plane carried it, and answer through ``send_frame``:
-        ``data`` per item, then ``end`` or one ``error``. Refuses new work while
-        shutting down (migratable), names the endpoints on an unknown one, keeps
-        the in-flight table, and turns cancellation into the right error:
-        ``control.cancel(reason)`` with "client cancelled" (error ``cancelled``),
-        "client disconnected" (nothing sent: nobody listens) or anything else
-        (``shutting_down``, migratable). The caller runs it in a task of its own."""
-        req = Request(request_id, endpoint_name, payload)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        observed: float | None = None  # when the observer was told it started
-        outcome: tuple[str, str | None] = ("cancelled", None)  # unless it gets to its end
-        try:
-            if not self.lifecycle.accepting:
-                await send_frame(Error(request_id, "shutting_down",
-                                       "worker is shutting down; retry on another instance", True))
-                return
-            handler = self.handlers.endpoints.get(req.endpoint)
-            if handler is None:
-                known = ", ".join(sorted(self.handlers.endpoints))
-                await send_frame(Error(request_id, "not_found",
-                                       f"unknown endpoint {req.endpoint!r}; this worker serves: {known}"))
-                return
-            self.inflight.add(request_id, control)
-            _log.info("request.started", endpoint=req.endpoint)
-            if self.observer is not None:
-                self.observer.started(req.endpoint)
-                observed = time.monotonic()
-            error: Error | None = None
-            with control.scope:
-                try:
-                    async def emit(item: Any) -> None:
-                        await send_frame(Data(request_id, item))
-
-                    await handler(req.payload, emit, request_id)
-                except RequestError as exc:
-                    error = exc.to_frame(request_id)
-                except EngineDead as exc:
-                    error = Error(request_id, "engine_dead", str(exc), True)
-                except Exception as exc:
-                    _log.exception("request.failed", endpoint=req.endpoint)
-                    error = Error(request_id, "internal", f"{type(exc).__name__}: {exc}", False)
-            if control.scope.cancelled_caught:
-                reason = control.reason or "cancelled"
-                _log.info("request.aborted", reason=reason, message=f"Aborted Request ID: {request_id}")
-                if reason != "client disconnected":
-                    error = Error(request_id, "cancelled" if reason == "client cancelled" else "shutting_down",
-                                  f"request {reason}", reason != "client cancelled")
-            if control.scope.cancelled_caught:
-                outcome = ("cancelled", None)
-            elif error is not None:
-                outcome = ("error", error.code)
-            else:
-                outcome = ("ok", None)
-            if error is not None:
-                _log.info("request.finished", status="error", code=error.code)
-                await send_frame(error)
-            else:
-                _log.info("request.finished", status="ok")
-                await send_frame(End(request_id))
-        finally:
-            self.inflight.remove(request_id)
-            if observed is not None and self.observer is not None:
-                self.observer.finished(req.endpoint, outcome[0], time.monotonic() - observed, outcome[1])
+    async def serve_request(self, request: Request, send_frame: SendFrame, control: RequestControl) -> None:
+        """One request from either plane, through the worker's pipeline."""
+        await serve_request(self.pipeline, self.handlers, request, send_frame, control)
 
     # -- registration ----------------------------------------------------------
     @property
@@ -417,18 +329,3 @@ class EndpointServer:
             reg.registered = False
             await self.discovery.deregister(reg.record)
             _log.info("endpoint.deregistered", key=reg.record.key)
-
-    # -- shutdown hooks --------------------------------------------------------
-    async def _drain(self, deadline: float) -> None:
-        if self.inflight.requests:
-            _log.info("endpoint.draining", inflight=len(self.inflight.requests))
-        await self.inflight.wait_empty()
-
-    async def _abort_inflight(self) -> None:
-        left = list(self.inflight.requests.values())
-        if left:
-            _log.warning("endpoint.aborting", inflight=len(left))
-        for control in left:
-            control.cancel("aborted by shutdown")
-        with trio.move_on_after(2.0):
-            await self.inflight.wait_empty()

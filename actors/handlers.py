@@ -1,28 +1,30 @@
-"""Request handlers: what the endpoints do, whatever plane carries them.
+"""Request handlers: what the endpoints do, whatever carries them.
 
-A handler is ``async def handler(payload, emit) -> None``: it validates the
-payload, talks to the engine through its :class:`EngineRef`, and calls
-``await emit(item)`` for each streamed item. Problems with one request raise
-:class:`~actors.protocol.RequestError`; they never touch other requests.
+A handler is ``async def handler(payload, emit, request_id) -> None``: it
+validates the payload, talks to the engine through its :class:`EngineRef`, and
+calls ``await emit(item)`` for each streamed item. ``request_id`` is the
+request's unique id in the engine (see :class:`actors.pipeline.Inflight`).
+Problems with one request raise :class:`~actors.errors.RequestError` (or let an
+engine error through); the pipeline that runs the handler turns them into the
+request's error and nothing else is touched.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
 
-from supervisor.errors import EngineDead
-
 from .engine.actor import EngineRef
-from .engine.base import EngineInfo, EngineRequest, RequestFailed, StepOutput
-from .protocol import Cancel, Frame, Request, RequestError
+from .engine.base import EngineInfo, EngineRequest, LoraAdapter, StepOutput
+from .errors import EngineDead, ErrorCode, RequestError, RequestFailed, invalid
+from .pipeline import AbortReason, RequestPipeline
 
-__all__ = ["Emit", "Handler", "Handlers", "Inflight", "RequestControl", "build_sampling", "step_item"]
+__all__ = ["Emit", "Handler", "Handlers", "build_sampling", "step_item", "token_ids_of"]
 
 Emit = Callable[[Any], Awaitable[None]]
 Handler = Callable[[Any, Emit, str], Awaitable[None]]
@@ -42,10 +44,6 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "seed": ("seed", int),
 }
 _GUIDED_KEYS = ("json", "regex", "choice", "grammar")
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError("invalid_request", message)
 
 
 def _check(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
@@ -158,14 +156,21 @@ def build_sampling(payload: Mapping[str, Any], info: EngineInfo, *, prompt_len: 
 
 
 def step_item(out: StepOutput) -> dict[str, Any]:
-    """One streamed response item, in Dynamo's LLMEngineOutput shape."""
-    item: dict[str, Any] = {"token_ids": out.token_ids}
+    """One streamed response item, in Dynamo's LLMEngineOutput shape, plus ``index``:
+    which of the request's ``n`` samples the tokens belong to. A sample's last item
+    has its ``finish_reason``; the request's last item also has ``completion_usage``."""
+    item: dict[str, Any] = {"token_ids": out.token_ids, "index": out.index}
     if out.log_probs is not None:
         item["log_probs"] = out.log_probs
     if out.top_logprobs is not None:
         item["top_logprobs"] = out.top_logprobs
+    if out.prompt_logprobs is not None:
+        item["prompt_logprobs"] = out.prompt_logprobs
     if out.finish_reason is not None:
         item["finish_reason"] = out.finish_reason
+        if out.stop_reason is not None:
+            item["stop_reason"] = out.stop_reason
+    if out.final:
         item["completion_usage"] = {
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
@@ -175,84 +180,6 @@ def step_item(out: StepOutput) -> dict[str, Any]:
         if out.kv_transfer_params is not None:
             item["disaggregated_params"] = {"kv_transfer_params": out.kv_transfer_params}
     return item
-
-
-@dataclass
-class RequestControl:
-    """One running request's cancel scope, and why it was cancelled."""
-
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    reason: str | None = None
-
-    def cancel(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.scope.cancel(reason=reason)
-
-
-def route_client_frame(
-    frame: Frame,
-    running: dict[str, RequestControl],
-    start: Callable[[Request, RequestControl], None],
-    refuse: Callable[[str, str, str], None],
-    where: str,
-) -> None:
-    """What a worker does with a frame from a client, on any plane: start a
-    request (``start``), cancel a running one, or ``refuse(id, code, message)``."""
-    if isinstance(frame, Request):
-        if frame.id in running:
-            refuse(frame.id, "invalid_request", f"request id {frame.id!r} is already in flight on {where}")
-            return
-        control = RequestControl()
-        running[frame.id] = control
-        start(frame, control)
-    elif isinstance(frame, Cancel):
-        found = running.get(frame.id)
-        if found is not None:
-            found.cancel("client cancelled")
-    else:
-        refuse(getattr(frame, "id", ""), "invalid_frame",
-               f"a client may send request or cancel frames, not {type(frame).__name__.lower()}")
-
-
-@dataclass
-class Inflight:
-    """The in-flight request table. Owned above the endpoint server so it
-    survives its restarts; the drain waits on it."""
-
-    requests: dict[str, RequestControl] = field(default_factory=dict)
-    changed: trio.Event = field(default_factory=trio.Event)
-    last_activity: float | None = None  # trio clock; for the health canary
-
-    def add(self, request_id: str, control: RequestControl) -> None:
-        self.requests[request_id] = control
-        self.last_activity = trio.current_time()
-
-    def remove(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
-        self.last_activity = trio.current_time()
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def idle_for(self) -> float:
-        now = trio.current_time()
-        if self.last_activity is None:
-            self.last_activity = now
-        return 0.0 if self.requests else now - self.last_activity
-
-    def touch(self) -> None:
-        self.last_activity = trio.current_time()
-
-    async def wait_empty(self) -> None:
-        while self.requests:
-            await self.changed.wait()
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    name: str
-    lora_id: int
-    path: str
 
 
 class LoraRegistry:
@@ -284,18 +211,19 @@ def _lora_path(source: Any) -> str:
         raise invalid(f"source.uri {uri!r}: only file:// adapters can be loaded here")
     else:
         path = uri
-    import os
-
     if not os.path.isdir(path):
         raise invalid(f"source.uri {uri!r}: no adapter directory at {path}")
     return path
 
 
 class Handlers:
-    """The endpoint table for one worker."""
+    """The endpoint table for one worker, and the engine control it offers
+    (sleep, wake-up, LoRA) on the request plane and the system port."""
 
-    def __init__(self, engine: EngineRef, *, role: str = "agg", enable_lora: bool = False) -> None:
+    def __init__(self, engine: EngineRef, pipeline: RequestPipeline, *, role: str = "agg",
+                 enable_lora: bool = False) -> None:
         self.engine = engine
+        self.pipeline = pipeline
         self.role = role
         self.loras = LoraRegistry()
         self.asleep = False
@@ -314,20 +242,34 @@ class Handlers:
         self.on_sleep: Callable[[], Awaitable[None]] | None = None
         self.on_wake: Callable[[], Awaitable[None]] | None = None
         self.on_lora_change: Callable[[], Awaitable[None]] | None = None
+        pipeline.gates.append(self._gate)
+
+    def _gate(self, endpoint: str, generates: bool) -> RequestError | None:
+        if generates and self.asleep:
+            return RequestError(ErrorCode.UNAVAILABLE, "the engine is asleep (POST /engine/wake_up wakes it); "
+                                "retry on another instance")
+        return None
+
+    def lookup(self, endpoint: str) -> Handler:
+        handler = self.endpoints.get(endpoint)
+        if handler is None:
+            known = ", ".join(sorted(self.endpoints))
+            raise RequestError(ErrorCode.NOT_FOUND, f"unknown endpoint {endpoint!r}; this worker serves: {known}")
+        return handler
+
+    @staticmethod
+    def generates(endpoint: str) -> bool:
+        """Whether an endpoint runs an engine request (refused while asleep, aborted by sleep)."""
+        return endpoint == "generate"
 
     async def info(self) -> EngineInfo:
         return await self.engine.wait_ready()
 
     async def generate(self, payload: Any, emit: Emit, request_id: str) -> None:
         request = await self.prepare(payload, request_id)
-        try:
-            async with self.engine.generate(request) as stream:
-                async for out in stream:
-                    await emit(step_item(out))
-        except EngineDead as exc:
-            raise RequestError("engine_dead", str(exc), migratable=True) from None
-        except RequestFailed as exc:
-            raise RequestError("invalid_request", str(exc)) from None
+        async with self.engine.generate(request) as stream:
+            async for out in stream:
+                await emit(step_item(out))
 
     async def prepare(self, payload: Any, request_id: str) -> EngineRequest:
         """Validate a token-mode request and turn it into an engine request."""
@@ -351,40 +293,39 @@ class Handlers:
                     extra["kv_transfer_params"] = params
         if extra:
             sampling["extra_args"] = extra
-        lora: tuple[str, int, str] | None = None
+        lora: LoraAdapter | None = None
         model = payload.get("model")
         if model is not None and model != info.model:
-            adapter = self.loras.adapters.get(model) if isinstance(model, str) else None
-            if adapter is None:
+            lora = self.loras.adapters.get(model) if isinstance(model, str) else None
+            if lora is None:
                 raise RequestError(
-                    "not_found",
+                    ErrorCode.NOT_FOUND,
                     f"unknown model or LoRA adapter {model!r}; this worker serves {info.model!r} "
                     f"and adapters {self.loras.names()}",
                 )
-            lora = (adapter.name, adapter.lora_id, adapter.path)
         routing = _section(payload, "routing")
         annotations = payload.get("annotations") or []
         if not isinstance(annotations, list):
             raise invalid("annotations must be a list of strings")
-        request = EngineRequest(
+        priority = routing.get("priority") or 0
+        _check("routing.priority", priority, int)
+        dp_rank = routing.get("dp_rank")
+        if dp_rank is not None:
+            _check("routing.dp_rank", dp_rank, int)
+        return EngineRequest(
             request_id=request_id,
             token_ids=tokens,
             max_tokens=sampling["max_tokens"],
             sampling=sampling,
             annotations=[str(a) for a in annotations],
-            priority=int(routing.get("priority") or 0),
-            dp_rank=routing.get("dp_rank"),
+            priority=priority,
+            dp_rank=dp_rank,
             lora=lora,
+            n=int(sampling.get("n", 1)),
         )
-        return request
 
     async def clear_kv_blocks(self, payload: Any, emit: Emit, request_id: str) -> None:
-        try:
-            await self.engine.reset_prefix_cache()
-        except EngineDead as exc:
-            raise RequestError("engine_dead", str(exc), migratable=True) from None
-        except RequestFailed as exc:
-            raise RequestError("internal", str(exc)) from None
+        await self.engine.reset_prefix_cache()
         await emit({"status": "success", "message": "KV cache cleared"})
 
     # -- engine control ------------------------------------------------------
@@ -397,12 +338,14 @@ class Handlers:
                 await emit({"status": "ok", "message": "already asleep"})
                 return
             if self.on_sleep is not None:
-                await self.on_sleep()
+                await self.on_sleep()  # out of discovery first: no new work is routed here
+            self.asleep = True  # from here the pipeline refuses generation (migratable)
+            aborted = self.pipeline.inflight.cancel_all(AbortReason.ENGINE_ASLEEP, generating_only=True)
             try:
-                await self.engine.call("sleep", level)
+                await self.engine.sleep(level)
             except (EngineDead, RequestFailed) as exc:
-                raise RequestError("internal", f"sleep failed: {exc}") from None
-            self.asleep = True
+                raise RequestError(ErrorCode.INTERNAL, f"sleep failed: {exc}") from None
+            _log.info("engine.asleep", level=level, aborted_requests=aborted)
         await emit({"status": "ok", "message": f"engine asleep (level {level}); on CPU this pauses "
                                                "scheduling and drops the prefix cache, weights stay loaded"})
 
@@ -415,16 +358,18 @@ class Handlers:
                 await emit({"status": "ok", "message": "already awake"})
                 return
             try:
-                await self.engine.call("wake_up", tags)
+                await self.engine.wake_up(tags)
             except (EngineDead, RequestFailed) as exc:
-                raise RequestError("internal", f"wake_up failed: {exc}") from None
+                raise RequestError(ErrorCode.INTERNAL, f"wake_up failed: {exc}") from None
             if self.on_wake is not None:
                 try:
                     await self.on_wake()
                 except Exception as exc:
                     # the engine is awake but unregistered: stay marked asleep so a retry re-registers
-                    raise RequestError("internal", f"re-register failed, still marked asleep: {exc}") from None
+                    raise RequestError(ErrorCode.INTERNAL,
+                                       f"re-register failed, still marked asleep: {exc}") from None
             self.asleep = False
+            _log.info("engine.awake")
         await emit({"status": "ok", "message": "engine awake"})
 
     # -- LoRA ----------------------------------------------------------------
@@ -442,13 +387,14 @@ class Handlers:
             info = await self.info()
             limit = max(0, info.max_loras - 1)  # the last slot stays empty (vLLM mixed-batch bug)
             if len(self.loras.adapters) >= limit:
-                raise RequestError("resource_exhausted", f"at most {limit} LoRA adapters can be loaded "
-                                   f"(max_loras {info.max_loras}, one slot kept free); loaded: {self.loras.names()}")
+                raise RequestError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"at most {limit} LoRA adapters can be loaded (max_loras {info.max_loras}, "
+                                   f"one slot kept free); loaded: {self.loras.names()}")
             adapter = LoraAdapter(name, self.loras.new_id(), path)
             try:
-                await self.engine.call("add_lora", (adapter.name, adapter.lora_id, adapter.path))
+                await self.engine.add_lora(adapter)
             except (EngineDead, RequestFailed) as exc:
-                raise RequestError("invalid_request", f"loading LoRA {name!r} failed: {exc}") from None
+                raise RequestError(ErrorCode.INVALID_REQUEST, f"loading LoRA {name!r} failed: {exc}") from None
             self.loras.adapters[name] = adapter
             if self.on_lora_change is not None:
                 try:
@@ -456,8 +402,8 @@ class Handlers:
                 except Exception as exc:  # announce failed: roll the engine back too
                     del self.loras.adapters[name]
                     with trio.CancelScope(shield=True):
-                        await self.engine.call("remove_lora", adapter.lora_id)
-                    raise RequestError("internal", f"LoRA {name!r} loaded but registering it failed "
+                        await self.engine.remove_lora(adapter.lora_id)
+                    raise RequestError(ErrorCode.INTERNAL, f"LoRA {name!r} loaded but registering it failed "
                                        f"({exc}); rolled back") from None
         await emit({"status": "success", "message": f"LoRA {name!r} loaded", "lora_name": name,
                     "lora_id": adapter.lora_id})
@@ -469,11 +415,12 @@ class Handlers:
         async with self.loras.lock(name):
             adapter = self.loras.adapters.get(name)
             if adapter is None:
-                raise RequestError("not_found", f"LoRA {name!r} is not loaded; loaded: {self.loras.names()}")
+                raise RequestError(ErrorCode.NOT_FOUND,
+                                   f"LoRA {name!r} is not loaded; loaded: {self.loras.names()}")
             try:
-                await self.engine.call("remove_lora", adapter.lora_id)
+                await self.engine.remove_lora(adapter.lora_id)
             except (EngineDead, RequestFailed) as exc:
-                raise RequestError("internal", f"unloading LoRA {name!r} failed: {exc}") from None
+                raise RequestError(ErrorCode.INTERNAL, f"unloading LoRA {name!r} failed: {exc}") from None
             del self.loras.adapters[name]
         await emit({"status": "success", "message": f"LoRA {name!r} unloaded", "lora_name": name,
                     "lora_id": adapter.lora_id})

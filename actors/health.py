@@ -5,23 +5,28 @@ An engine that says it is dead, or does not answer ``check_health`` within
 ``timeout``, is declared dead through its :class:`EngineRef`; the engine actor
 is significant, so that takes the tree down (exit 1). A failed canary marks the
 worker unhealthy (``/health`` 503); three in a row declare the engine dead. The
-monitor holds no state that matters: killed, it starts polling again.
+canary is a request like any other: it goes through the request pipeline.
+
+A sleeping engine is left alone: no health check and no canary is sent while
+the worker is asleep (vLLM pauses scheduling then, so a canary would never be
+answered), and the verdict waits for the wake-up. The monitor holds no state
+that matters: killed, it starts polling again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from supervisor.errors import EngineDead, EngineUnhealthy
 from supervisor.tree import ActorContext, TaskStatus
 
 from .engine.actor import EngineRef
-from .handlers import Handlers, Inflight
-from .protocol import RequestError
+from .errors import EngineDead, EngineUnhealthy, ErrorCode
+from .handlers import Handlers
+from .pipeline import RequestPipeline, Status, Ticket
 
 __all__ = ["Canary", "HealthMonitor", "HealthStatus"]
 
@@ -34,6 +39,8 @@ class HealthStatus:
     survives the monitor's restarts."""
 
     healthy: bool = False
+    asleep: bool = False  # the monitor stands aside while the engine sleeps
+    asleep_ticks: int = 0  # rounds the monitor stood aside (the engine was left alone)
     checks: int = 0
     canaries: int = 0
     canary_failures: int = 0
@@ -46,7 +53,7 @@ class Canary:
     seconds: the BOS token, greedy, one token (or ``payload``)."""
 
     handlers: Handlers
-    inflight: Inflight
+    pipeline: RequestPipeline
     wait: float = 10.0
     timeout: float = 3.0
     payload: Mapping[str, Any] | None = None
@@ -68,20 +75,34 @@ class HealthMonitor:
         interval: float = 2.0,
         timeout: float = 3.0,
         canary: Canary | None = None,
+        asleep: Callable[[], bool] = lambda: False,
     ) -> None:
         self.engine = engine
         self.status = status
         self.interval = interval
         self.timeout = timeout
         self.canary = canary
+        self.asleep = asleep
 
     async def run(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         await self.engine.wait_ready()
         task_status.started()
         while True:
-            canary = self.canary
-            if await self.check_once(ctx) and canary is not None and canary.inflight.idle_for() >= canary.wait:
-                await self.send_canary(ctx, canary)
+            if self.asleep():
+                if not self.status.asleep:
+                    ctx.log.info("health.paused", reason="engine asleep")
+                self.status.asleep = True
+                self.status.asleep_ticks += 1
+            else:
+                if self.status.asleep:
+                    ctx.log.info("health.resumed", reason="engine awake")
+                    self.status.asleep = False
+                    if self.canary is not None:
+                        self.canary.pipeline.inflight.touch()  # a full idle wait before the next canary
+                canary = self.canary
+                if (await self.check_once(ctx) and canary is not None
+                        and canary.pipeline.inflight.idle_for() >= canary.wait and not self.asleep()):
+                    await self.send_canary(ctx, canary)
             await trio.sleep(self.interval)
 
     async def check_once(self, ctx: ActorContext) -> bool:
@@ -114,19 +135,26 @@ class HealthMonitor:
         request_id = f"health-canary-{canary.sent}"
         info = self.engine.info
         problem: str | None = None
+        got: list[Any] = []
+
+        async def work(ticket: Ticket) -> None:
+            request = await canary.handlers.prepare(canary.request(info.bos_token_id if info else None), ticket.key)
+            async with self.engine.generate(request) as stream:
+                got.extend([out async for out in stream])
+
         with trio.move_on_after(canary.timeout) as scope:
-            try:
-                request = await canary.handlers.prepare(canary.request(info.bos_token_id if info else None),
-                                                        request_id)
-                async with self.engine.generate(request) as stream:
-                    got = [out async for out in stream]
-                if not got or got[-1].finish_reason is None:
-                    problem = "canary ended without a finish reason"
-            except (RequestError, EngineDead) as exc:
-                problem = f"canary failed: {exc}"
+            outcome = await canary.pipeline.run("generate", request_id, work)
+            if outcome.error is not None and outcome.error.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
+                # not the engine's fault: the worker began to shut down or was put to sleep meanwhile
+                ctx.log.info("health.canary_skipped", request_id=request_id, reason=outcome.error.message)
+                return True
+            if outcome.error is not None:
+                problem = f"canary failed: {outcome.error.code.value}: {outcome.error.message}"
+            elif outcome.status is Status.OK and (not got or not got[-1].final):
+                problem = "canary ended without a finish reason"
         if scope.cancelled_caught:
             problem = f"canary got no answer within {canary.timeout}s"
-        canary.inflight.touch()
+        canary.pipeline.inflight.touch()
         ctx.log.info("health.canary", ok=problem is None, request_id=request_id, error=problem)
         if problem is None:
             self.status.canary_failures = 0

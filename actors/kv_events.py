@@ -54,8 +54,8 @@ from supervisor.planes import zmq_trio
 from supervisor.planes.events import EventPublisher
 from supervisor.tree import ActorContext, TaskStatus
 
+from .errors import BadBatch, RequestError
 from .handlers import Emit
-from .protocol import RequestError
 
 __all__ = [
     "END_SEQ",
@@ -86,9 +86,6 @@ BIND_RETRY_S = 2.0  # a taken port is tried again this often
 
 # -- decoding -----------------------------------------------------------------------------------
 
-
-class BadBatch(ValueError):
-    """A payload that is not an EventBatch."""
 
 
 @dataclass(frozen=True)

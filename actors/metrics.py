@@ -229,7 +229,7 @@ class WorkerMetrics:
         labels = self._req(endpoint)
         self.inflight.labels(*labels).dec()
         self.duration.labels(*labels).observe(max(0.0, seconds))
-        if status == "cancelled":
+        if status == "aborted":
             self.cancellations.labels(*labels).inc()
         elif status == "error":
             self.errors.labels(*labels, code or "internal").inc()

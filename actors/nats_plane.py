@@ -52,26 +52,17 @@ import trio_asyncio
 from supervisor.planes.servers import close_nats, connect_nats
 from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
 
-from .handlers import RequestControl, route_client_frame
-from .protocol import (
-    PROBE_HEADER,
-    Data,
-    Error,
-    Frame,
-    FrameError,
-    Request,
-    RequestError,
-    decode_body,
-    encode_body,
-)
+from .errors import ErrorCode, FrameError, RequestError
+from .pipeline import AbortReason, RequestControl
+from .protocol import PROBE_HEADER, Data, Frame, Request, decode_body, encode_body
+from .request_plane import SendFrame, error_frame, route_client_frame
 
 __all__ = ["CLIENT_PROBE_INTERVAL", "NatsRequestPlane", "ServeRequest", "request_subject"]
 
 # how often a running request asks whether its client still listens, and how long an answer may take
 CLIENT_PROBE_INTERVAL = 2.0
 
-SendFrame = Callable[[Frame], Awaitable[None]]
-ServeRequest = Callable[[str, Any, str, SendFrame, RequestControl], Awaitable[None]]
+ServeRequest = Callable[[Request, SendFrame, RequestControl], Awaitable[None]]
 
 _log = structlog.get_logger("actors.nats_plane")
 
@@ -143,15 +134,15 @@ class NatsRequestPlane:
                 message = (f"a {type(frame).__name__.lower()} frame of {len(body)} bytes exceeds the NATS "
                            "server's max_payload")
                 if isinstance(frame, Data):
-                    raise RequestError("internal", message) from None  # ends this request with that error
+                    raise RequestError(ErrorCode.INTERNAL, message) from None  # ends this request with that error
                 _log.warning("request_plane.frame_dropped", error=message, transport="nats")
                 return
             except nats.errors.ConnectionClosedError:
                 await trio.sleep(0.01)
 
-    async def _reply_error(self, reply: str | None, request_id: str, code: str, message: str) -> None:
+    async def _reply_error(self, reply: str | None, request_id: str, error: RequestError) -> None:
         if reply:
-            await self._publish(reply, Error(request_id, code, message, False))
+            await self._publish(reply, error_frame(request_id, error))
 
     # -- requests --------------------------------------------------------------
     async def _requests(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -166,7 +157,7 @@ class NatsRequestPlane:
             frame = decode_body(msg.data)
         except FrameError as exc:
             _log.warning("request_plane.bad_frame", error=str(exc), transport="nats")
-            nursery.start_soon(self._reply_error, reply, "", "invalid_frame", str(exc))
+            nursery.start_soon(self._reply_error, reply, "", RequestError(ErrorCode.INVALID_FRAME, str(exc)))
             return
         if isinstance(frame, Request) and reply is None:
             _log.warning("request_plane.no_reply_subject", request_id=frame.id, transport="nats")
@@ -174,7 +165,7 @@ class NatsRequestPlane:
         route_client_frame(
             frame, self.requests,
             start=lambda req, control: nursery.start_soon(self._run, req, reply or "", control, nursery),
-            refuse=lambda rid, code, msg: nursery.start_soon(self._reply_error, reply, rid, code, msg),
+            refuse=lambda rid, error: nursery.start_soon(self._reply_error, reply, rid, error),
             where="this worker",
         )
 
@@ -182,7 +173,7 @@ class NatsRequestPlane:
         watch = trio.CancelScope()
         nursery.start_soon(self._watch_client, reply, req.id, control, watch)
         try:
-            await self.serve(req.endpoint, req.payload, req.id, functools.partial(self._publish, reply), control)
+            await self.serve(req, functools.partial(self._publish, reply), control)
         finally:
             watch.cancel()
             self.requests.pop(req.id, None)
@@ -203,7 +194,7 @@ class NatsRequestPlane:
                                                                headers={PROBE_HEADER: request_id})
                 except nats.errors.NoRespondersError:
                     _log.info("request.client_gone", request_id=request_id, transport="nats", inbox=reply)
-                    control.cancel("client disconnected")
+                    control.cancel(AbortReason.CLIENT_DISCONNECTED)
                     return
                 except Exception:  # no answer in time, or the connection is changing: the client may live
                     continue

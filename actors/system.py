@@ -24,22 +24,40 @@ from supervisor.http import BoundSocket, serve_asgi
 from supervisor.signals import Lifecycle
 from supervisor.tree import ActorContext, ActorRegistry, TaskStatus
 
+from .errors import ErrorCode, RequestError
 from .handlers import Handler
-from .protocol import RequestError
+from .pipeline import RequestPipeline, Ticket
 
 __all__ = ["ReadinessCheck", "SystemRoutes", "SystemServer"]
 
 # name -> (ok, detail); every check must pass for /ready
 ReadinessCheck = Callable[[], tuple[bool, str]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+MAX_BODY = 1024 * 1024  # bytes; the system routes take small JSON bodies
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body, refused as soon as it grows past ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass
 class SystemRoutes:
-    """Routes and readiness checks other parts of the tree contribute."""
+    """Routes and readiness checks other parts of the tree contribute. Handlers
+    exposed here run through ``pipeline`` (logs, metrics, drain) like requests."""
 
     routes: list[BaseRoute] = field(default_factory=list)
     checks: dict[str, ReadinessCheck] = field(default_factory=dict)
+    # name -> what /ready and /health add under that name, whatever the verdict
+    details: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    pipeline: RequestPipeline | None = None
 
     def add(self, path: str, endpoint: Endpoint, methods: list[str]) -> None:
         self.routes.append(Route(path, endpoint, methods=methods))
@@ -51,11 +69,15 @@ class SystemRoutes:
         the handler emits is the answer, a RequestError is a 4xx/5xx."""
 
         async def endpoint(request: Request) -> Response:
-            raw = await request.body()
+            try:
+                raw = await read_body(request)
+            except RequestError as exc:
+                return _error(exc)
             try:
                 payload: Any = json.loads(raw) if raw.strip() else {}
             except ValueError as exc:
-                return JSONResponse({"status": "error", "message": f"body is not JSON: {exc}"}, status_code=400)
+                return JSONResponse({"status": "error", "code": ErrorCode.INVALID_REQUEST.value,
+                                     "message": f"body is not JSON: {exc}"}, status_code=400)
             if payload_from_path is not None:
                 if not isinstance(payload, dict):
                     payload = {}
@@ -65,14 +87,28 @@ class SystemRoutes:
             async def emit(item: Any) -> None:
                 items.append(item)
 
-            try:
-                await handler(payload, emit, f"system-{uuid.uuid4().hex[:12]}")
-            except RequestError as exc:
-                status = {"not_found": 404, "invalid_request": 400, "resource_exhausted": 429}.get(exc.code, 500)
-                return JSONResponse({"status": "error", "code": exc.code, "message": exc.message}, status_code=status)
+            request_id = f"system-{uuid.uuid4().hex[:12]}"
+            if self.pipeline is None:
+                try:
+                    await handler(payload, emit, request_id)
+                except RequestError as exc:
+                    return _error(exc)
+            else:
+                async def work(ticket: Ticket) -> None:
+                    await handler(payload, emit, ticket.key)
+
+                outcome = await self.pipeline.run(path.strip("/").split("/{")[0].replace("/", "_"), request_id,
+                                                  work, generates=False)
+                if outcome.error is not None:
+                    return _error(outcome.error)
             return JSONResponse(items[-1] if items else {"status": "ok"})
 
         self.add(path, endpoint, methods)
+
+
+def _error(exc: RequestError) -> JSONResponse:
+    return JSONResponse({"status": "error", "code": exc.code.value, "message": exc.message},
+                        status_code=exc.code.http_status)
 
 
 class SystemServer:
@@ -103,6 +139,8 @@ class SystemServer:
             if not passed:
                 ok = False
                 detail[name] = why
+        for name, describe in self.extra.details.items():
+            detail[name] = describe()
         detail["status"] = "ready" if ok else "not ready"
         return ok, detail
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from actors.endpoint import EndpointServer, Registration
 from actors.engine.actor import EngineActor, EngineRef
 from actors.engine.base import EngineBackend, EngineInfo
 from actors.engine.synthetic import SyntheticEngine
-from actors.handlers import Handlers, Inflight
+from actors.handlers import Handlers
 from actors.health import Canary, HealthMonitor, HealthStatus
-from actors.http_front import ByteTokenizer, HfTokenizer, OpenAIFront, Tokenizer
+from actors.http_front import WorkerModels
 from actors.kv_events import KvEventsRelay, KvEventsState, kv_event_sources
 from actors.metrics import MetricsActor, WorkerMetrics, vllm_metrics_source
+from actors.openai import ByteTokenizer, HfTokenizer, OpenAIServer, Tokenizer
+from actors.pipeline import Inflight, RequestPipeline
 from actors.system import SystemRoutes, SystemServer
 
 from .config import Config, check_startable
@@ -46,6 +49,7 @@ class Tree:
     system_socket: BoundSocket
     health: HealthStatus
     inflight: Inflight
+    pipeline: RequestPipeline
     registration: Registration
     endpoint: EndpointServer | None = None
     metrics: WorkerMetrics | None = None
@@ -55,6 +59,8 @@ class Tree:
     def close(self) -> None:
         """Release what the process owns outside the actors (after the tree stopped)."""
         self.system_socket.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
         if self.events is not None:
             self.events.close()
 
@@ -62,12 +68,14 @@ class Tree:
 def make_backend(config: Config,
                  stats_listener: Callable[[Any, Any, int], None] | None = None) -> EngineBackend:
     if config.engine == "synthetic":
+        shape = synthetic_model_shape(config.model)
         return SyntheticEngine(
             step_s=config.synthetic_step_ms / 1000.0,
             die_after_s=config.synthetic_die_after,
             hang_after_s=config.synthetic_hang_after,
             load_s=config.synthetic_load_s,
-            model=config.model or "synthetic",
+            model=config.served_model_name or config.model or "synthetic",
+            **shape,
         )
     if config.engine == "vllm":
         try:
@@ -113,20 +121,37 @@ def make_discovery(config: Config) -> Discovery:
 
 def request_plane(config: Config) -> str:
     """The request plane the endpoint server serves (NATS servers from NATS_SERVER)."""
-    plane = getattr(config, "request_plane", "tcp") or "tcp"
-    if plane not in ("tcp", "nats"):
-        raise ConfigError(f"--request-plane {plane}: not available yet (tcp, nats)")
-    return str(plane)
+    return str(getattr(config, "request_plane", "tcp") or "tcp")
+
+
+def _has_tokenizer(model: str | None) -> bool:
+    return model is not None and Path(model, "tokenizer_config.json").is_file()
+
+
+def synthetic_model_shape(model: str | None) -> dict[str, Any]:
+    """A synthetic engine given a real model directory takes its vocabulary size (so
+    the model's tokenizer can render every token it emits)."""
+    if model is None or not Path(model, "config.json").is_file():
+        return {}
+    import json
+
+    cfg = json.loads(Path(model, "config.json").read_text())
+    vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    return {"vocab_size": int(vocab)} if vocab else {}
 
 
 def tokenizer_factory(config: Config) -> Callable[[], Tokenizer]:
-    if config.engine != "vllm":
+    """The model's tokenizer (and chat template); for a synthetic engine without a
+    model directory, bytes as tokens."""
+    if config.engine != "vllm" and not _has_tokenizer(config.model):
         return ByteTokenizer
     template_path = getattr(config, "custom_jinja_template", None)
 
     def load() -> Tokenizer:
         template = Path(template_path).read_text() if template_path else None
-        return HfTokenizer(engine_args(config)["model"], template)
+        model = engine_args(config)["model"] if config.engine == "vllm" else config.model
+        assert model is not None
+        return HfTokenizer(model, template)
 
     return load
 
@@ -148,8 +173,6 @@ def dp_ranks(config: Config) -> list[int]:
 def build_tree(config: Config, registry: ActorRegistry | None = None,
                lifecycle: Lifecycle | None = None) -> Tree:
     check_startable(config)  # what --check-config refuses, start refuses
-    if config.role not in ("agg", "decode", "prefill"):
-        raise ConfigError(f"--role {config.role}: not implemented yet (agg, decode and prefill are)")
     registry = registry or ActorRegistry()
     lifecycle = lifecycle or Lifecycle(grace_period=config.grace_period)
     system_socket = BoundSocket(config.system_host, config.system_port)
@@ -184,11 +207,15 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
             _log.exception("metrics.engine_ready_failed")
 
     inflight = Inflight()
-    handlers = Handlers(engine, role=config.role, enable_lora=bool(config.engine_args.get("enable_lora")))
+    pipeline = RequestPipeline(lifecycle, inflight, observer=metrics)
+    routes.pipeline = pipeline
+    handlers = Handlers(engine, pipeline, role=config.role, enable_lora=bool(config.engine_args.get("enable_lora")))
     monitor = HealthMonitor(engine, health, interval=config.health_check_interval,
-                            timeout=config.health_check_timeout)
+                            timeout=config.health_check_timeout, asleep=lambda: handlers.asleep)
+    routes.checks["awake"] = lambda: (not handlers.asleep, "engine asleep (POST /engine/wake_up)")
+    routes.details["health"] = lambda: dataclasses.asdict(health)
     if serves_endpoints(config):  # the canary goes through the endpoint's handlers
-        monitor.canary = Canary(handlers, inflight, wait=config.canary_wait_time,
+        monitor.canary = Canary(handlers, pipeline, wait=config.canary_wait_time,
                                 timeout=config.health_check_timeout, payload=config.health_check_payload)
     children = [
         # first up, last down: /live answers while everything else starts and stops
@@ -207,18 +234,18 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
         if kv_state is not None and config.enable_local_indexer:
             handlers.endpoints["kv_index"] = kv_state.kv_index
         plane = request_plane(config)
+        request_host = getattr(config, "request_plane_host", None) or config.system_host
         endpoint = EndpointServer(
             handlers,
-            BoundSocket(config.system_host, getattr(config, "request_plane_port", 0) or 0) if plane == "tcp" else None,
+            BoundSocket(request_host, getattr(config, "request_plane_port", 0) or 0) if plane == "tcp" else None,
             lifecycle,
-            inflight,
+            pipeline,
             discovery=make_discovery(config),
             namespace=config.namespace,
             component=config.component,
             endpoint=config.endpoint,
             engine=engine,
             registration=registration,
-            observer=metrics,
             instance_id=instance_id,
             request_plane=plane,
             nats_servers=nats_servers_for(config),
@@ -235,12 +262,14 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
         routes.checks["registered"] = lambda: (registration.registered, "not registered in discovery")
         http_port = getattr(config, "http_port", None)
         if http_port is not None:
-            front = OpenAIFront(BoundSocket(config.system_host, http_port), endpoint.handlers, engine,
-                                lifecycle, inflight, tokenizer_factory(config))
+            http_host = getattr(config, "http_host", None) or config.system_host
+            front = OpenAIServer(BoundSocket(http_host, http_port), WorkerModels(handlers), pipeline,
+                                 tokenizer_factory(config), ready=engine.wait_ready)
             children.append(front.spec())
     # Non-engine children may restart often under chaos; a genuinely broken
     # one (crash loop) still escalates: 20 restarts within 1 s.
     root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)
     spec = ChildSpec(ROOT, root.run, shutdown="infinity")
-    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, registration, endpoint,
+    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, pipeline, registration,
+                endpoint,
                 metrics=metrics, events=events, kv_events=kv_state)
