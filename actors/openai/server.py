@@ -1,0 +1,333 @@
+"""The OpenAI-compatible HTTP server: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, streaming as server-sent events, errors in the shape
+``vllm serve`` gives them.
+
+The same server runs on a worker (``--http-port``, over its own engine) and in
+the frontend (over the workers it routes to): what differs is the
+:class:`ModelBackend`. Every request runs through the process's request
+pipeline (admission, in-flight table, metrics, logs, cancel), so a client that
+hangs up aborts its engine requests at once.
+
+Completion and chat requests are raw ASGI (not Starlette handlers) so the
+stream is ours to write and a disconnect is noticed while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from supervisor.http import BoundSocket, serve_asgi
+from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
+
+from ..engine.base import StepOutput
+from ..errors import ErrorCode, RequestError
+from ..pipeline import AbortReason, RequestControl, RequestPipeline, Ticket
+from .render import Renderer
+from .request import OpenAICall, parse_call, prompt_payload, tokenize
+from .tokenizer import Tokenizer, TokenizerRunner
+
+__all__ = ["MAX_BODY", "ModelBackend", "OpenAIServer", "OutputStream", "ServedModel", "error_body"]
+
+_log = structlog.get_logger("actors.openai")
+_json = msgspec.json.Encoder().encode
+
+MAX_BODY = 8 * 1024 * 1024  # bytes; a larger request body is refused while it arrives
+MAX_EVENTS_PER_WRITE = 64  # a stream that fell behind sends at most about this many events in one write
+
+# status -> error.type, as vllm serve names them
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
+                422: "UnprocessableEntityError", 429: "TooManyRequests", 499: "ClientClosedRequest",
+                500: "InternalServerError", 501: "NotImplementedError", 502: "BadGateway",
+                503: "ServiceUnavailableError", 504: "GatewayTimeout"}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a request's ``model`` resolved to."""
+
+    name: str  # as responses name it
+    max_model_len: int
+    adapter: str | None = None  # a LoRA adapter's name: the token-mode payload's ``model``
+
+
+class OutputStream(Protocol):
+    def __aiter__(self) -> OutputStream: ...
+
+    async def __anext__(self) -> StepOutput: ...
+
+    def next_ready(self) -> StepOutput | None:
+        """An output already waiting, or None (never waits)."""
+        ...
+
+
+class ModelBackend(Protocol):
+    """Where the server's requests go: the worker's engine, or the frontend's workers."""
+
+    async def serving(self, model: str | None) -> ServedModel:
+        """Resolve a request's ``model``; raise NOT_FOUND for one that is not served."""
+        ...
+
+    async def models(self) -> list[dict[str, Any]]: ...
+
+    def generate(self, payload: dict[str, Any], engine_id: str) -> AbstractAsyncContextManager[OutputStream]: ...
+
+
+def error_body(error: RequestError) -> tuple[int, dict[str, Any]]:
+    status = error.code.http_status
+    return status, {"error": {"message": error.message, "type": _ERROR_TYPES.get(status, "Error"),
+                              "param": error.param, "code": status}}
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    status, body = error_body(error)
+    return JSONResponse(body, status_code=status)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    # msgspec: a third of json.dumps's time per chunk (compact UTF-8 JSON, as vllm serve sends)
+    return b"data: " + _json(data) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class _Exchange:
+    """One HTTP request's ASGI side."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    started: bool = False  # the response's status line went out
+    done: bool = False  # the response is complete
+    request_id: str = ""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def read_body(self, limit: int, control: RequestControl) -> bytes:
+        """The request body, refused as soon as it grows past ``limit`` (not after)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                control.cancel(AbortReason.CLIENT_DISCONNECTED)
+                await trio.lowlevel.checkpoint()  # raises Cancelled: nobody to answer
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def json(self, status: int, body: dict[str, Any]) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(b"content-type", b"application/json"), *self.headers]})
+        await self.send({"type": "http.response.body", "body": _json(body), "more_body": False})
+        self.done = True
+
+    async def start_stream(self) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": 200,
+                         "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                                     *self.headers]})
+
+    async def events(self, data: bytes, *, last: bool = False) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": not last})
+        if last:
+            self.done = True
+
+
+class OpenAIServer:
+    """``ChildSpec("http", OpenAIServer(...).run)``: the OpenAI API on ``bound``."""
+
+    def __init__(self, bound: BoundSocket, backend: ModelBackend, pipeline: RequestPipeline,
+                 tokenizer_factory: Callable[[], Tokenizer], *, ready: Callable[[], Awaitable[Any]] | None = None,
+                 name: str = "http", max_body: int = MAX_BODY) -> None:
+        self.bound = bound
+        self.backend = backend
+        self.pipeline = pipeline
+        self.tokenizer_factory = tokenizer_factory
+        self.ready = ready
+        self.name = name
+        self.max_body = max_body
+        self.tokenizer: Tokenizer | None = None
+        self.runner: TokenizerRunner | None = None
+
+    def spec(self) -> ChildSpec:
+        return ChildSpec(self.name, self.run, Restart.PERMANENT, shutdown=2.0)
+
+    async def run(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        if self.ready is not None:
+            await self.ready()
+        if self.tokenizer is None:  # kept across restarts
+            self.tokenizer = await trio.to_thread.run_sync(self.tokenizer_factory)
+            self.runner = TokenizerRunner(self.tokenizer)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_asgi, self.app(), self.bound)
+            ctx.log.info("http.listening", host=self.bound.host, port=self.bound.port)
+            task_status.started()
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/completions", _Asgi(self.completions, chat=False), methods=["POST"]),
+            Route("/v1/chat/completions", _Asgi(self.completions, chat=True), methods=["POST"]),
+        ]
+
+    def app(self) -> Starlette:
+        return Starlette(routes=self.routes())
+
+    async def list_models(self, _: Request) -> Response:
+        return JSONResponse({"object": "list", "data": await self.backend.models()})
+
+    # -- completions -------------------------------------------------------------------
+    async def completions(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
+        exchange = _Exchange(scope, receive, send)
+        header_id = _header(scope, b"x-request-id")
+        base_id = header_id or uuid.uuid4().hex
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
+        if header_id is not None:
+            exchange.headers.append((b"x-request-id", header_id.encode()))
+        control = RequestControl()
+
+        async def work(ticket: Ticket) -> None:
+            await self._serve(exchange, ticket, chat, base_id)
+
+        outcome = await self.pipeline.run("chat_completions" if chat else "completions", request_id, work,
+                                          control=control)
+        if outcome.error is not None and not exchange.done:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                try:
+                    await self._send_error(exchange, outcome.error)
+                except OSError:  # the client is gone
+                    pass
+
+    async def _send_error(self, exchange: _Exchange, error: RequestError) -> None:
+        status, body = error_body(error)
+        if not exchange.started:
+            await exchange.json(status, body)
+            return
+        # mid-stream: an error event (with a hint whether a retry elsewhere is fine), then the end
+        body["error"]["migratable"] = error.migratable
+        await exchange.events(_event(body) + _DONE, last=True)
+
+    async def _serve(self, exchange: _Exchange, ticket: Ticket, chat: bool, base_id: str) -> None:
+        raw = await exchange.read_body(self.max_body, ticket.control)
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"request body is not JSON: {exc}") from None
+        call = parse_call(body, chat=chat, request_id=base_id)
+        served = await self.backend.serving(call.model)
+        assert self.runner is not None and self.tokenizer is not None
+        call.prompts = await tokenize(call, self.runner)
+        payloads = []
+        for prompt in call.prompts:
+            payload = prompt_payload(call, prompt, max_model_len=served.max_model_len)
+            if served.adapter is not None:
+                payload["model"] = served.adapter
+            payloads.append(payload)
+        renderer = Renderer(call, served.name, self.tokenizer)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, exchange, ticket.control)
+            if call.stream:
+                await self._stream(exchange, call, renderer, payloads, ticket)
+            else:
+                async with self._outputs(payloads, ticket) as outputs:
+                    async for prompt_index, out in outputs:
+                        renderer.take(prompt_index, out)
+                await exchange.json(200, renderer.response())
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(exchange: _Exchange, control: RequestControl) -> None:
+        while True:
+            message = await exchange.receive()
+            if message["type"] == "http.disconnect":
+                if not exchange.done:  # a client hanging up after the end aborts nothing
+                    control.cancel(AbortReason.CLIENT_DISCONNECTED)
+                return
+
+    async def _stream(self, exchange: _Exchange, call: OpenAICall, renderer: Renderer,
+                      payloads: list[dict[str, Any]], ticket: Ticket) -> None:
+        if len(payloads) == 1:
+            # One prompt (the usual case): straight from the engine's stream. Outputs that piled
+            # up while this task waited for its turn go out in one write: the same events, one
+            # trip through hypercorn and h11 instead of one per token.
+            async with self.backend.generate(payloads[0], f"{ticket.key}-0") as stream:
+                await exchange.start_stream()
+                events = [_event(c) for c in renderer.first_chunks()]
+                async for out in stream:
+                    ready: StepOutput | None = out
+                    while ready is not None and len(events) < MAX_EVENTS_PER_WRITE:
+                        events.extend(_event(c) for c in renderer.chunks(0, ready))
+                        ready = stream.next_ready()
+                    if ready is not None:
+                        events.extend(_event(c) for c in renderer.chunks(0, ready))
+                    if events:
+                        await exchange.events(b"".join(events))
+                    events = []
+        else:
+            await exchange.start_stream()
+            await exchange.events(b"".join(_event(c) for c in renderer.first_chunks()))
+            async with self._outputs(payloads, ticket) as outputs:
+                async for prompt_index, out in outputs:
+                    chunks = renderer.chunks(prompt_index, out)
+                    if chunks:
+                        await exchange.events(b"".join(_event(c) for c in chunks))
+        await exchange.events(b"".join(_event(c) for c in renderer.last_chunks()) + _DONE, last=True)
+
+    @asynccontextmanager
+    async def _outputs(self, payloads: list[dict[str, Any]], ticket: Ticket
+                       ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, StepOutput]]]:
+        """Every prompt's outputs, tagged with the prompt's index, as they come (one engine
+        request per prompt, as vllm serve runs a batch: ``<id>-0``, ``<id>-1`` ...)."""
+        send, recv = trio.open_memory_channel[tuple[int, StepOutput]](0)
+
+        async def one(index: int, payload: dict[str, Any], out: trio.MemorySendChannel[tuple[int, StepOutput]]
+                      ) -> None:
+            async with out, self.backend.generate(payload, f"{ticket.key}-{index}") as stream:
+                async for step in stream:
+                    await out.send((index, step))
+
+        async with trio.open_nursery() as nursery, send:
+            for index, payload in enumerate(payloads):
+                nursery.start_soon(one, index, payload, send.clone())
+            await send.aclose()
+            yield recv
+
+
+class _Asgi:
+    """A raw ASGI endpoint for Starlette's router."""
+
+    def __init__(self, fn: Callable[[Scope, Receive, Send, bool], Awaitable[None]], *, chat: bool) -> None:
+        self.fn = fn
+        self.chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.fn(scope, receive, send, self.chat)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            text: str = value.decode("latin-1").strip()
+            return text or None
+    return None
+
