@@ -19,7 +19,7 @@ from .config import Config, parse_args
 from .errors import ConfigError, Escalation, StartFailed
 from .logs import route_vllm_logs, setup_logging
 from .prometheus_env import prepare_multiproc_dir
-from .reaper import start_reaper
+from .reaper import become_subreaper, reap_descendants, start_reaper
 from .roles import Tree, build_tree
 from .signals import watch_signals
 from .tree import run_supervised
@@ -119,10 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if config.engine == "vllm":
-        start_reaper()  # vLLM's processes must not outlive us, even on SIGKILL
+    become_subreaper()  # orphans inside our tree come back to us, so we can wait for them
+    reaper = start_reaper() if config.engine == "vllm" else None  # vLLM's processes go even if we are SIGKILLed
     _log.info("worker.starting", role=config.role, engine=config.engine, namespace=config.namespace,
               component=config.component, pid=os.getpid())
-    status = trio.run(run_tree, tree)
-    _log.info("worker.exit", status=status)
+    status = EXIT_FAILED
+    try:
+        status = trio.run(run_tree, tree)
+    finally:
+        # No descendant outlives this exit, whichever way we got here.
+        if reaper is not None:
+            reaper.kill()  # it ignores SIGTERM; it holds nothing
+            reaper.wait()
+        signalled = reap_descendants()
+        _log.info("worker.exit", status=status, **({"killed_descendants": signalled} if signalled else {}))
     return status

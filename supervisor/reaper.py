@@ -1,4 +1,10 @@
-"""No process outlives the worker, even when the worker is SIGKILLed.
+"""No process outlives the worker: on every exit path, and even when the worker is SIGKILLed.
+
+On its own exits (SIGTERM, engine death, a failed start) the worker reaps its
+descendants itself before it exits (:func:`reap_descendants`): it is a child
+subreaper (``PR_SET_CHILD_SUBREAPER``), so processes orphaned inside its tree
+(vLLM's VLLM::Worker once its EngineCore died, their resource trackers) are
+re-parented to the worker instead of to init, and it can find and wait for them.
 
 vLLM 0.32 has no parent watch: its EngineCore, VLLM::Worker and resource
 tracker processes live on when the worker dies abruptly. PR_SET_PDEATHSIG is
@@ -119,6 +125,89 @@ def reap(instance: str, known: Snapshot | None = None, grace: float = 3.0) -> li
         except ProcessLookupError:
             pass
     return sorted(targets)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphans of this process's descendants its children (Linux); False where that fails."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _stop_own_resource_tracker() -> None:
+    """Python's multiprocessing resource tracker ignores SIGTERM; asked nicely (its pipe
+    closed) it cleans up what it tracks and exits at once."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker  # the process-wide instance
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None and getattr(tracker, "_pid", None) is not None:
+        try:
+            stop()
+        except (OSError, ChildProcessError):
+            pass
+
+
+def _reap_zombies() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def reap_descendants(settle: float = 3.0, grace: float = 2.0) -> list[int]:
+    """Wait for every descendant to exit: ``settle`` seconds on their own (vLLM's
+    processes end once the engine shut down), then SIGTERM, ``grace`` seconds, then
+    SIGKILL. Returns the pids that had to be signalled. Call it when nothing of the
+    worker runs any more (after the tree stopped)."""
+    import psutil
+
+    _stop_own_resource_tracker()
+    me = psutil.Process()
+    signalled: list[int] = []
+    deadline = time.monotonic() + settle
+    while True:
+        _reap_zombies()
+        alive = [p for p in me.children(recursive=True) if _alive(p.pid)]
+        if not alive:
+            return signalled
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    for proc in alive:
+        try:
+            proc.terminate()
+            signalled.append(proc.pid)
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap_zombies()
+        alive = [p for p in me.children(recursive=True) if _alive(p.pid)]
+        if not alive:
+            return signalled
+        time.sleep(0.02)
+    for proc in me.children(recursive=True):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and [p for p in me.children(recursive=True) if _alive(p.pid)]:
+        _reap_zombies()
+        time.sleep(0.02)
+    _reap_zombies()
+    return signalled
 
 
 def main(argv: list[str]) -> int:
