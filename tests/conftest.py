@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Worker, free_port, worker_fixture
+from tests.procs import VllmServe, Worker, free_port, worker_fixture
 
 VLLM_TEST_ARGS = (
     "--max-model-len", "2048",
@@ -51,6 +51,22 @@ def vllm_worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield worker
     finally:
         gen.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_serve(tiny_model: Path) -> Iterator[VllmServe]:
+    """``vllm serve`` on the tiny model with the same engine flags as ``vllm_worker``: the reference."""
+    # the same AMX permission fix our worker applies (actors/engine/vllm_worker.py): without it
+    # vllm serve's worker dies with SIGILL on its first request on AMX machines
+    server = VllmServe("--model", str(tiny_model), *VLLM_TEST_ARGS,
+                       "--worker-extension-cls", "actors.engine.vllm_worker.WorkerSetup",
+                       env={"VLLM_CPU_KVCACHE_SPACE": None, "DYN_VLLM_KV_EVENT_PORT": None})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        left = server.stop()
+        assert not left, f"vllm serve left processes behind: {[p.pid for p in left]}"
 
 
 def request_address(worker: Worker) -> str:

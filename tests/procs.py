@@ -192,3 +192,58 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
                 continue
             return port
     raise RuntimeError("no free port found")
+
+
+class VllmServe:
+    """``vllm serve`` itself (``python -m vllm.entrypoints.openai.api_server``): the reference
+    our answers are compared with. Started in its own session, stopped by its PID."""
+
+    def __init__(self, *args: str, env: dict[str, str | None] | None = None) -> None:
+        self.tag = uuid.uuid4().hex
+        self.port = free_port()
+        self.log_path = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        merged: dict[str, str | None] = {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1",
+                                         "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+                                         "VLLM_HOST_IP": "127.0.0.1", **(env or {})}
+        self._log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            env={k: v for k, v in merged.items() if v is not None}, stdout=self._log_file,
+            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout, lambda: f"vllm serve /health\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> list[psutil.Process]:
+        """Stop it and everything it started; returns what was still alive afterwards."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log_file.close()
+        deadline = time.monotonic() + 10
+        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for proc in left:
+            proc.kill()
+        return left

@@ -111,7 +111,7 @@ async def test_second_signal_skips_the_drain(tmp_path: Path) -> None:
             for _ in range(2):
                 await started.acquire()
             worker.signal(signal.SIGTERM)
-            await trio.to_thread.run_sync(lambda: worker.wait_event("endpoint.draining", timeout=5))
+            await trio.to_thread.run_sync(lambda: worker.wait_event("requests.draining", timeout=5))
             worker.signal(signal.SIGINT)
         assert all(isinstance(r, CallError) and r.migratable for r in results), results
         assert await trio.to_thread.run_sync(worker.wait, 10.0) == 0

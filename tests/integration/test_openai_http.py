@@ -49,7 +49,8 @@ def test_chat_streaming_on_vllm(vllm_worker: Worker, tiny_model: object) -> None
     content = [c for c in chunks if c.choices]
     assert content[0].choices[0].delta.role == "assistant"
     assert content[-1].choices[0].finish_reason == "length"
-    assert len(content) == 5  # one chunk per engine step
+    assert content[0].choices[0].delta.content == ""  # the role opens the stream, as vllm serve does
+    assert len(content) == 1 + 5  # then one chunk per engine step
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].completion_tokens == 5
     unary = client.chat.completions.create(
@@ -73,7 +74,7 @@ def test_openai_errors_on_vllm(vllm_worker: Worker, tiny_model: object) -> None:
     assert "context length" in str(too_long.value)
     r = httpx.post(http_base(vllm_worker) + "/v1/completions", content=b"{not json", timeout=10)
     assert r.status_code == 400
-    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["type"] == "BadRequestError"
     # and the worker still serves
     ok = client.completions.create(model=str(tiny_model), prompt="x", max_tokens=2, temperature=0)
     assert ok.usage is not None and ok.usage.completion_tokens == 2
@@ -94,7 +95,7 @@ def test_client_disconnect_aborts_on_vllm(vllm_worker: Worker, tiny_model: objec
     assert aborted["message"] == f"Aborted Request ID: {request_id}"
     # and the engine really dropped it
     engine_side = vllm_worker.wait_event("engine.aborted", timeout=20, request_id=request_id)
-    assert engine_side["message"] == f"Aborted Request ID: {request_id}"
+    assert engine_side["message"] == f"Aborted Request ID: {request_id}-0"  # the batch's first prompt
 
 
 # -- synthetic engine: exact, cheap ----------------------------------------------------------

@@ -90,9 +90,9 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
         names = [e["event"] for e in events]
         # on SIGTERM the record goes first, then the 8 streams in flight finish
         after = names[names.index("shutdown.started"):]
-        [draining] = [e for e in events if e["event"] == "endpoint.draining"]
+        [draining] = [e for e in events if e["event"] == "requests.draining"]
         assert draining["inflight"] == 8
-        assert after.index("endpoint.deregistered") < after.index("endpoint.draining") < after.index("request.finished")
+        assert after.index("endpoint.deregistered") < after.index("requests.draining") < after.index("request.finished")
         assert after.count("request.finished") == 8
         restarted = [e for e in events if e["event"] == "actor.restarted"]
         assert [e["actor"] for e in restarted] == ["root/endpoint/listener"]  # it came back during the drain

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.engine.base import EngineInfo, StepOutput
+from actors.errors import RequestError
 from actors.handlers import build_sampling, step_item, token_ids_of
-from actors.protocol import RequestError
 
 INFO = EngineInfo(model="m", total_kv_blocks=10, block_size=32, max_model_len=100, max_num_seqs=4,
                   max_num_batched_tokens=100, load_time_s=0.0, generation_defaults={"temperature": 0.7, "top_p": 0.9})
@@ -86,7 +86,12 @@ def test_any_payload_is_accepted_or_refused_with_a_request_error(payload: dict[s
 
 def test_last_item_carries_usage() -> None:
     item = step_item(StepOutput(token_ids=[1], finish_reason="stop", prompt_tokens=3, completion_tokens=2,
-                                cached_tokens=1))
+                                cached_tokens=1, final=True))
     assert item["completion_usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                                         "prompt_tokens_details": {"cached_tokens": 1}}
     assert "completion_usage" not in step_item(StepOutput(token_ids=[1]))
+
+
+def test_a_sample_that_ends_before_the_request_says_which_without_usage() -> None:
+    item = step_item(StepOutput(token_ids=[4], index=1, finish_reason="length"))
+    assert (item["index"], item["finish_reason"]) == (1, "length") and "completion_usage" not in item

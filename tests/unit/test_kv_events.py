@@ -13,6 +13,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from actors.errors import RequestError
 from actors.kv_events import (
     AllBlocksCleared,
     BadBatch,
@@ -25,7 +26,6 @@ from actors.kv_events import (
     kv_event_sources,
     normalize_hash,
 )
-from actors.protocol import RequestError
 from supervisor.planes.events import MemoryEventPublisher
 from supervisor.tree import ActorRegistry, Backoff, ChildSpec, Restart, Supervisor, root_context
 from tests.kvfake import (

@@ -68,7 +68,7 @@ def test_request_metrics_count_what_the_endpoint_server_reports() -> None:
     m.started("generate")
     m.finished("generate", "error", 0.01, "invalid_request")
     m.started("generate")
-    m.finished("generate", "cancelled", 1.5)
+    m.finished("generate", "aborted", 1.5)
     m.started("clear_kv_blocks")
     m.started("generate")  # still running
     page = m.render()

@@ -17,7 +17,7 @@ vllm = pytest.importorskip("vllm")
 
 from actors.engine.base import StepOutput  # noqa: E402
 from actors.engine.vllm_backend import SUPPORTED_VLLM, _Forwarder, _map_error, vllm_version  # noqa: E402
-from supervisor.errors import EngineDead  # noqa: E402
+from actors.errors import EngineDead  # noqa: E402
 
 
 def test_vllm_version_is_the_pinned_one() -> None:

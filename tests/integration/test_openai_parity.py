@@ -1,0 +1,130 @@
+"""Our worker's OpenAI front against ``vllm serve``: the same tiny model, the same engine
+flags, the same requests through the official ``openai`` client; the answers must match."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.procs import VllmServe, Worker
+
+pytestmark = pytest.mark.vllm
+
+
+def ours(worker: Worker) -> openai.OpenAI:
+    port = worker.wait_event("http.listening", timeout=120)["port"]
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def theirs(serve: VllmServe) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def clients(vllm_worker: Worker, vllm_serve: VllmServe) -> tuple[openai.OpenAI, openai.OpenAI]:
+    return ours(vllm_worker), theirs(vllm_serve)
+
+
+def both(clients: tuple[openai.OpenAI, openai.OpenAI], call: str, **kw: Any) -> tuple[Any, Any]:
+    results = []
+    for client in clients:
+        api = client.completions if call == "completions" else client.chat.completions
+        results.append(api.create(**kw))
+    return results[0], results[1]
+
+
+def streamed_texts(stream: Any, chat: bool) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = (choice.delta.content or "") if chat else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return texts
+
+
+def choices(response: Any, chat: bool) -> list[tuple[int, str, str | None]]:
+    return [(c.index, c.message.content if chat else c.text, c.finish_reason) for c in response.choices]
+
+
+def usage(response: Any) -> tuple[int, int, int]:
+    return response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens
+
+
+def test_greedy_completion(clients: Any, tiny_model: Path) -> None:
+    a, b = both(clients, "completions", model=str(tiny_model), prompt="the cat sat on", max_tokens=12,
+                temperature=0)
+    assert choices(a, False) == choices(b, False)
+    assert usage(a) == usage(b)
+
+
+def test_completion_without_max_tokens_stops_at_16_as_openai_does(clients: Any, tiny_model: Path) -> None:
+    a, b = both(clients, "completions", model=str(tiny_model), prompt="hello", temperature=0)
+    assert choices(a, False) == choices(b, False) and usage(a) == usage(b)
+    assert a.usage.completion_tokens <= 16
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_n2_sampled_choices(clients: Any, tiny_model: Path, chat: bool) -> None:
+    kw: dict[str, Any] = {"model": str(tiny_model), "max_tokens": 10, "n": 2, "temperature": 1.0, "seed": 1234}
+    if chat:
+        kw["messages"] = [{"role": "user", "content": "tell me about cats"}]
+    else:
+        kw["prompt"] = "once upon a time"
+    a, b = both(clients, "chat" if chat else "completions", **kw)
+    assert len(a.choices) == 2
+    assert choices(a, chat) == choices(b, chat)
+    assert a.choices[0] != a.choices[1]
+    assert usage(a) == usage(b)
+    sa, sb = both(clients, "chat" if chat else "completions", stream=True, **kw)
+    ta, tb = streamed_texts(sa, chat), streamed_texts(sb, chat)
+    assert ta == tb == {c[0]: c[1] for c in choices(b, chat)}
+
+
+def test_a_batch_of_prompts(clients: Any, tiny_model: Path) -> None:
+    kw = {"model": str(tiny_model), "prompt": ["the cat", "a dog ran to the"], "max_tokens": 6, "temperature": 0}
+    a, b = both(clients, "completions", **kw)
+    assert len(a.choices) == 2
+    assert choices(a, False) == choices(b, False)
+    assert usage(a) == usage(b)
+    sa, sb = both(clients, "completions", stream=True, **kw)
+    assert streamed_texts(sa, False) == streamed_texts(sb, False) == {c[0]: c[1] for c in choices(b, False)}
+
+
+def close(x: float | None, y: float | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_completion_logprobs(clients: Any, tiny_model: Path) -> None:
+    kw = {"model": str(tiny_model), "prompt": "the dog", "max_tokens": 5, "temperature": 0, "logprobs": 3}
+    a, b = both(clients, "completions", **kw)
+    la, lb = a.choices[0].logprobs, b.choices[0].logprobs
+    assert la is not None and lb is not None
+    assert la.tokens == lb.tokens and la.text_offset == lb.text_offset
+    assert all(close(x, y) for x, y in zip(la.token_logprobs, lb.token_logprobs, strict=True))
+    assert [sorted(t) for t in la.top_logprobs] == [sorted(t) for t in lb.top_logprobs]
+    assert all(close(ta[k], tb[k]) for ta, tb in zip(la.top_logprobs, lb.top_logprobs, strict=True) for k in ta)
+    sa, sb = both(clients, "completions", stream=True, **kw)
+    streamed = [t for chunk in sa for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+    reference = [t for chunk in sb for c in chunk.choices if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == reference == lb.tokens
+
+
+def test_chat_logprobs(clients: Any, tiny_model: Path) -> None:
+    kw = {"model": str(tiny_model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+          "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    a, b = both(clients, "chat", **kw)
+    ca, cb = a.choices[0].logprobs.content, b.choices[0].logprobs.content
+    assert [e.token for e in ca] == [e.token for e in cb]
+    assert [e.bytes for e in ca] == [e.bytes for e in cb]
+    assert all(close(x.logprob, y.logprob) for x, y in zip(ca, cb, strict=True))
+    assert [[t.token for t in e.top_logprobs] for e in ca] == [[t.token for t in e.top_logprobs] for e in cb]
+    sa, sb = both(clients, "chat", stream=True, **kw)
+    streamed = [e.token for chunk in sa for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    reference = [e.token for chunk in sb for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert streamed == reference == [e.token for e in cb]
