@@ -26,7 +26,10 @@ worker, so the worker asks after the client instead: every
 it; a live client that does not answer only makes the probe time out, which
 changes nothing. Only NATS's "no responders" (nobody subscribes to the inbox
 any more: the client died without sending ``cancel``) aborts the request, as a
-client disconnect.
+client disconnect, and only when it persists: ``CLIENT_GONE_PROBES`` answers in
+a row, none within ``RECONNECT_GRACE`` seconds of the worker's own reconnect.
+Right after nats-server restarts, a live client has not yet subscribed again
+and its inbox answers "no responders" for a moment.
 
 Actors, under the endpoint supervisor::
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -61,6 +65,8 @@ __all__ = ["CLIENT_PROBE_INTERVAL", "NatsRequestPlane", "ServeRequest", "request
 
 # how often a running request asks whether its client still listens, and how long an answer may take
 CLIENT_PROBE_INTERVAL = 2.0
+CLIENT_GONE_PROBES = 3  # "no responders" this many times in a row: the client is gone
+RECONNECT_GRACE = 5.0  # seconds after our reconnect in which "no responders" proves nothing
 
 ServeRequest = Callable[[Request, SendFrame, RequestControl], Awaitable[None]]
 
@@ -82,6 +88,7 @@ class NatsRequestPlane:
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[Any](math.inf)
         self._nc: Any = None
         self._connected = trio.Event()
+        self._reconnected_at = -math.inf  # time.monotonic() of the last reconnect
 
     def children(self) -> list[ChildSpec]:
         return [
@@ -92,7 +99,8 @@ class NatsRequestPlane:
     # -- listener --------------------------------------------------------------
     async def _listener(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         closed = trio.Event()
-        nc = await connect_nats(self.servers, name=f"worker {self.subject}", closed=closed)
+        nc = await connect_nats(self.servers, name=f"worker {self.subject}", closed=closed,
+                                on_reconnect=self._note_reconnect)
         try:
             async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
                 self._incoming_send.send_nowait(msg)
@@ -113,6 +121,9 @@ class NatsRequestPlane:
                 self._connected = trio.Event()
             with ctx.cleanup_scope():
                 await close_nats(nc)
+
+    def _note_reconnect(self) -> None:
+        self._reconnected_at = time.monotonic()
 
     async def _publish(self, subject: str, frame: Frame) -> None:
         """Publish one reply frame; waits through a listener restart."""
@@ -184,17 +195,25 @@ class NatsRequestPlane:
         import nats.errors
 
         with scope:
+            misses = 0
             while True:
                 await trio.sleep(CLIENT_PROBE_INTERVAL)
                 nc = self._nc
-                if nc is None or nc.is_closed:
-                    continue  # the listener is reconnecting: ask next time
+                if (nc is None or nc.is_closed or not nc.is_connected
+                        or time.monotonic() - self._reconnected_at < RECONNECT_GRACE):
+                    misses = 0  # reconnecting, or just reconnected: the client may be reconnecting too
+                    continue
                 try:
                     await trio_asyncio.aio_as_trio(nc.request)(reply, b"", timeout=CLIENT_PROBE_INTERVAL,
                                                                headers={PROBE_HEADER: request_id})
                 except nats.errors.NoRespondersError:
-                    _log.info("request.client_gone", request_id=request_id, transport="nats", inbox=reply)
+                    misses += 1
+                    if misses < CLIENT_GONE_PROBES:
+                        continue
+                    _log.info("request.client_gone", request_id=request_id, transport="nats", inbox=reply,
+                              probes=misses)
                     control.cancel(AbortReason.CLIENT_DISCONNECTED)
                     return
                 except Exception:  # no answer in time, or the connection is changing: the client may live
                     continue
+                misses = 0

@@ -3,11 +3,20 @@
 On TCP each frame is a 4-byte big-endian length followed by a msgpack map;
 on NATS a message body is one msgpack map (no length prefix). Frames:
 
-- ``request {id, endpoint, payload}``  client -> worker
-- ``cancel {id}``                        client -> worker
-- ``data {id, payload}``                 worker -> client, one per item
-- ``error {id, code, message, migratable}`` worker -> client, ends the request
-- ``end {id}``                           worker -> client, ends the request
+- ``request {id, endpoint, payload}``      client -> worker
+- ``cancel {id}``                            client -> worker
+- ``data {id, payload, seq}``                worker -> client, one per item, ``seq`` 0, 1, 2 ...
+- ``heartbeat {id}``                         worker -> client, while a request runs and nothing
+                                              else was sent for a second
+- ``error {id, code, message, migratable}``  worker -> client, ends the request
+- ``end {id, count, finish_reason}``         worker -> client, ends the request: ``count`` items
+                                              were sent, the last one said ``finish_reason``
+
+So a stream is verifiable end to end: a client that sees a ``seq`` out of
+order, an end whose ``count`` differs from what arrived, a connection that
+closes before the end, or silence longer than a few heartbeats, knows the
+answer is incomplete and says so (a migratable error), instead of reporting
+success for part of an answer.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import msgspec
 from .errors import FrameError
 
 __all__ = [
+    "HEARTBEAT_INTERVAL",
     "MAX_FRAME",
     "PROBE_HEADER",
+    "SILENCE_TIMEOUT",
     "Cancel",
     "Data",
     "End",
@@ -29,6 +40,7 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameReader",
+    "Heartbeat",
     "Request",
     "decode_frame",
     "encode_frame",
@@ -53,6 +65,11 @@ class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
 class Data(msgspec.Struct, tag="data", tag_field="type"):
     id: str
     payload: Any = None
+    seq: int = 0
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
+    id: str
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type"):
@@ -64,9 +81,16 @@ class Error(msgspec.Struct, tag="error", tag_field="type"):
 
 class End(msgspec.Struct, tag="end", tag_field="type"):
     id: str
+    count: int = 0
+    finish_reason: str | None = None
 
 
-Frame = Request | Cancel | Data | Error | End
+Frame = Request | Cancel | Data | Heartbeat | Error | End
+
+# how often a running request that has nothing else to send says it is alive, and how long a
+# client waits in silence before it gives the request up (a few heartbeats missed)
+HEARTBEAT_INTERVAL = 1.0
+SILENCE_TIMEOUT = 10.0
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)

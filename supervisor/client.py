@@ -37,14 +37,18 @@ from typing import Any
 import trio
 import trio_asyncio
 
+from actors.errors import ErrorCode
 from actors.protocol import (
     PROBE_HEADER,
+    SILENCE_TIMEOUT,
     Cancel,
     Data,
     End,
     Error,
+    Frame,
     FrameError,
     FrameReader,
+    Heartbeat,
     Request,
     decode_body,
     encode_body,
@@ -68,17 +72,74 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class Call:
-    """One request on its own connection. Leaving the block early cancels it."""
+class _End:
+    pass
 
-    def __init__(self, address: str, endpoint: str, payload: Any, *, request_id: str | None = None) -> None:
+
+_END = _End()
+
+
+class StreamCheck:
+    """What a client checks of one request's stream: items numbered 0, 1, 2 ... with no
+    gap, and an end frame that counts exactly the items that arrived. Anything else is
+    a :class:`CallError` with code ``stream_broken`` (migratable): part of an answer is
+    never reported as the answer."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.received = 0
+
+    def broken(self, message: str) -> CallError:
+        return CallError(ErrorCode.STREAM_BROKEN.value, f"request {self.request_id}: {message}", True,
+                         self.request_id)
+
+    def take(self, frame: Frame) -> Any:
+        """The item a data frame carries; ``_END`` for the end; None for a heartbeat."""
+        if isinstance(frame, Data):
+            if frame.seq != self.received:
+                raise self.broken(f"item {frame.seq} arrived where item {self.received} was due "
+                                  f"({frame.seq - self.received} lost)" if frame.seq > self.received else
+                                  f"item {frame.seq} arrived again after item {self.received - 1}")
+            self.received += 1
+            return frame.payload
+        if isinstance(frame, End):
+            if frame.count != self.received:
+                raise self.broken(f"the worker sent {frame.count} items, {self.received} arrived")
+            return _END
+        if isinstance(frame, Error):
+            raise CallError(frame.code, frame.message, frame.migratable, self.request_id)
+        if isinstance(frame, Heartbeat):
+            return None
+        raise self.broken(f"unexpected {type(frame).__name__.lower()} frame from the worker")
+
+    def silent(self, seconds: float) -> CallError:
+        return CallError(ErrorCode.TIMEOUT.value, f"request {self.request_id}: nothing from the worker for "
+                         f"{seconds:g}s (not even a heartbeat)", True, self.request_id)
+
+    def cut(self, why: str) -> CallError:
+        return CallError(ErrorCode.DISCONNECTED.value, f"request {self.request_id}: {why} after {self.received} "
+                         "items, before the end", True, self.request_id)
+
+
+class Call:
+    """One request on its own connection. Leaving the block early cancels it.
+
+    Iterating yields the items; the stream is checked (:class:`StreamCheck`), and
+    ``silence_timeout`` seconds without a frame (the worker sends a heartbeat every
+    second while it works) end the call with a migratable ``timeout`` error.
+    """
+
+    def __init__(self, address: str, endpoint: str, payload: Any, *, request_id: str | None = None,
+                 silence_timeout: float = SILENCE_TIMEOUT) -> None:
         self.address = address
         self.endpoint = endpoint
         self.payload = payload
         self.request_id = request_id or uuid.uuid4().hex
+        self.silence_timeout = silence_timeout
         self._stream: trio.SocketStream | None = None
         self._reader = FrameReader()
-        self._pending: list[Any] = []
+        self._pending: list[Frame] = []
+        self._check = StreamCheck(self.request_id)
         self.done = False
 
     async def __aenter__(self) -> Call:
@@ -119,24 +180,42 @@ class Call:
         return self
 
     async def __anext__(self) -> Any:
-        while not self._pending:
-            if self.done or self._stream is None:
-                raise StopAsyncIteration
-            data = await self._stream.receive_some(65536)
-            if not data:
+        while True:
+            while not self._pending:
+                if self.done or self._stream is None:
+                    raise StopAsyncIteration
+                try:
+                    with trio.fail_after(self.silence_timeout):
+                        data = await self._stream.receive_some(65536)
+                except trio.TooSlowError:
+                    raise self._check.silent(self.silence_timeout) from None  # __aexit__ cancels it
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.done = True
+                    raise self._check.cut("the connection to the worker broke") from None
+                if not data:
+                    self.done = True
+                    raise self._check.cut("the worker closed the connection")
+                try:
+                    frames = self._reader.feed(data)
+                except FrameError as exc:
+                    self.done = True
+                    raise self._check.broken(str(exc)) from None
+                for frame in frames:
+                    ours = frame.id == self.request_id or (isinstance(frame, Error) and frame.id == "")
+                    if ours:
+                        self._pending.append(frame)
+            frame = self._pending.pop(0)
+            try:
+                item = self._check.take(frame)
+            except CallError:
+                self.done = not isinstance(frame, Data)  # a gap: the worker still runs it, cancel it
+                raise
+            if item is None:
+                continue
+            if item is _END:
                 self.done = True
-                raise CallError("disconnected", "the worker closed the connection mid-request", True)
-            for frame in self._reader.feed(data):
-                ours = frame.id == self.request_id or (isinstance(frame, Error) and frame.id == "")
-                if ours and isinstance(frame, Data | End | Error):
-                    self._pending.append(frame)
-        frame = self._pending.pop(0)
-        if isinstance(frame, Data):
-            return frame.payload
-        self.done = True
-        if isinstance(frame, Error):
-            raise CallError(frame.code, frame.message, frame.migratable)
-        raise StopAsyncIteration
+                raise StopAsyncIteration
+            return item
 
     async def collect(self) -> list[Any]:
         return [item async for item in self]
@@ -152,18 +231,21 @@ class NatsCall:
     worker's subject. Same iteration interface as :class:`Call`.
 
     ``connection`` reuses a connected nats-py client (else one is opened from
-    ``servers`` and closed on exit). NATS cannot tell a silent worker from a
-    slow one: ``idle_timeout`` (seconds between frames) bounds the wait.
+    ``servers`` and closed on exit). The stream is checked as :class:`Call`'s is,
+    and ``silence_timeout`` seconds without a frame (heartbeats included) end it
+    with a migratable ``timeout`` error.
     """
 
     def __init__(self, subject: str, endpoint: str, payload: Any, *, servers: Sequence[str] | str | None = None,
-                 connection: Any = None, request_id: str | None = None, idle_timeout: float | None = None) -> None:
+                 connection: Any = None, request_id: str | None = None,
+                 silence_timeout: float = SILENCE_TIMEOUT) -> None:
         self.subject = subject
         self.endpoint = endpoint
         self.payload = payload
         self.servers = split_urls(servers) or split_urls(os.environ.get("NATS_SERVER")) or ["nats://localhost:4222"]
         self.request_id = request_id or uuid.uuid4().hex
-        self.idle_timeout = idle_timeout
+        self.silence_timeout = silence_timeout
+        self._check = StreamCheck(self.request_id)
         self._given = connection
         self._nc: Any = None
         self._sub: Any = None
@@ -228,34 +310,35 @@ class NatsCall:
             if self.done:
                 raise StopAsyncIteration
             try:
-                with trio.fail_after(self.idle_timeout if self.idle_timeout is not None else math.inf):
+                with trio.fail_after(self.silence_timeout):
                     msg = await self._recv.receive()
             except trio.TooSlowError:
-                self.done = True
-                raise CallError("timeout", f"no answer from {self.subject} for {self.idle_timeout:g}s",
-                                True) from None
+                raise self._check.silent(self.silence_timeout) from None  # __aexit__ cancels it
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 self.done = True
-                raise CallError("disconnected", "the call was closed", True) from None
+                raise self._check.cut("the call was closed") from None
             if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
                 self.done = True
-                raise CallError("no_responders", f"no worker serves {self.subject} (it is gone or not started)",
-                                True)
+                raise CallError(ErrorCode.UNAVAILABLE.value, f"request {self.request_id}: no worker serves "
+                                f"{self.subject} (it is gone or not started)", True, self.request_id)
             try:
                 frame = decode_body(msg.data)
             except FrameError as exc:
                 self.done = True
-                raise CallError("invalid_frame", str(exc), False) from None
+                raise CallError(ErrorCode.INVALID_FRAME.value, str(exc), False, self.request_id) from None
             if not (frame.id == self.request_id or (isinstance(frame, Error) and frame.id == "")):
                 continue
-            if isinstance(frame, Data):
-                return frame.payload
-            if isinstance(frame, Error):
-                self.done = True
-                raise CallError(frame.code, frame.message, frame.migratable)
-            if isinstance(frame, End):
+            try:
+                item = self._check.take(frame)
+            except CallError:
+                self.done = not isinstance(frame, Data)  # a gap: the worker still runs it, cancel it
+                raise
+            if item is None:
+                continue
+            if item is _END:
                 self.done = True
                 raise StopAsyncIteration
+            return item
 
     async def collect(self) -> list[Any]:
         return [item async for item in self]

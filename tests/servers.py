@@ -53,6 +53,8 @@ class Server:
     port: int
     data_dir: Path
     log_path: Path
+    argv: list[str] | None = None  # how it was started (for restart)
+    probe: Callable[[Server], bool] | None = None
 
     @property
     def pid(self) -> int:
@@ -75,6 +77,19 @@ class Server:
                 self.proc.wait(STOP_TIMEOUT)
         assert self.proc.returncode is not None, f"{self.name} (pid {self.pid}) still running"
         assert not _alive(self.pid), f"{self.name} (pid {self.pid}) left behind"
+
+    def start_again(self) -> None:
+        """Start the stopped server again: same binary, port and data directory."""
+        assert self.argv is not None and self.probe is not None and self.proc.poll() is not None
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if not _wait_until_answering(self, functools.partial(self.probe, self)):
+            raise AssertionError(f"{self.name} did not come back on port {self.port}:\n{self.log()}")
+
+    def restart(self) -> None:
+        """SIGTERM it, then start it again on the same port (clients reconnect)."""
+        self.stop()
+        self.start_again()
 
 
 def _alive(pid: int) -> bool:
@@ -117,10 +132,10 @@ def _start(name: str, binary: str, tmp: Path, args_for: Callable[[int, int, Path
         data_dir = tmp / f"{name}-{attempt}-data"
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = tmp / f"{name}-{attempt}.log"
+        argv = [binary, *args_for(port, peer_port, data_dir)]
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([binary, *args_for(port, peer_port, data_dir)],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        server = Server(name, proc, url_for(port), port, data_dir, log_path)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        server = Server(name, proc, url_for(port), port, data_dir, log_path, argv, probe_for)
         if _wait_until_answering(server, functools.partial(probe_for, server)):
             return server
         last_log = server.log()

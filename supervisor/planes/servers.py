@@ -101,12 +101,13 @@ async def connect_nats(
     connect_timeout: float = CONNECT_TIMEOUT,
     closed: trio.Event | None = None,
     max_reconnect_attempts: int = 60,
+    on_reconnect: Callable[[], None] | None = None,
 ) -> Any:
     """A connected nats-py client, or :class:`ServerUnavailable` naming the servers.
 
     Once connected the client reconnects by itself on its own (up to
-    ``max_reconnect_attempts`` per server); ``closed`` is set when it gives up
-    (or is closed).
+    ``max_reconnect_attempts`` per server), calling ``on_reconnect`` each time;
+    ``closed`` is set when it gives up (or is closed).
     """
     import nats
 
@@ -124,6 +125,8 @@ async def connect_nats(
 
     async def reconnected_cb() -> None:
         _log.info("nats.reconnected", servers=list(servers))
+        if on_reconnect is not None:
+            on_reconnect()
 
     async def closed_cb() -> None:
         if closed is not None:

@@ -57,7 +57,7 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                     try:
                         # a lost frame fails the test (with what each stream got) instead of hanging it
                         async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
-                                            idle_timeout=120) as call:
+                                            silence_timeout=120) as call:
                             async for item in call:
                                 if not items:
                                     streaming.release()
