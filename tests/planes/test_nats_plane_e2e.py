@@ -146,7 +146,8 @@ async def test_cancel_mid_stream_aborts_the_request(deployment: Deployment) -> N
         await deployment.wait_event("engine.aborted", request_id=request_id,
                                     message=f"Aborted Request ID: {request_id}")
         finished = await deployment.wait_event("request.finished", request_id=request_id)
-        assert (finished["status"], finished["code"], finished["reason"]) == ("aborted", "cancelled", "client cancelled")
+        assert (finished["status"], finished["code"], finished["reason"]) == (
+            "aborted", "cancelled", "client cancelled")
         # the worker carries on
         async with open_call(rec, "generate", {"token_ids": [5], "stop_conditions": {"max_tokens": 2}},
                              nats_servers=deployment.nats_url) as call:
