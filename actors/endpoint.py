@@ -24,7 +24,7 @@ import functools
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,7 @@ class EndpointServer:
         instance_id: str | None = None,
         request_plane: str = "tcp",
         nats_servers: Sequence[str] = (),
+        runtime_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.handlers = handlers
         self.bound = bound
@@ -104,6 +105,7 @@ class EndpointServer:
         self.registration = registration
         self.advertise_host = advertise_host or (bound.host if bound is not None else "")
         self.instance_id = instance_id or uuid.uuid4().hex[:16]
+        self.runtime_extra = runtime_extra
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: expected one of {', '.join(REQUEST_PLANES)}")
         if request_plane == "tcp" and bound is None:
@@ -265,6 +267,8 @@ class EndpointServer:
                 "data_parallel_size": 1,
                 "lora_adapters": self.handlers.loras.names(),
             }
+            if self.runtime_extra is not None:
+                runtime.update(self.runtime_extra())
         return InstanceRecord(
             namespace=self.namespace,
             component=self.component,

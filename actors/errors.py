@@ -84,12 +84,13 @@ class RequestError(Exception):
     """
 
     def __init__(self, code: ErrorCode | str, message: str, *, migratable: bool | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
         self.migratable = self.code.migratable if migratable is None else migratable
         self.param = param  # the request field at fault, when one is (OpenAI's error.param)
+        self.retry_after = retry_after  # seconds after which a retry may succeed (HTTP Retry-After)
 
     def __repr__(self) -> str:
         return f"RequestError({self.code.value!r}, {self.message!r}, migratable={self.migratable})"
@@ -132,6 +133,8 @@ class ModelSourceMissing(RuntimeError):
 
 def as_request_error(exc: BaseException) -> RequestError:
     """The one map from a failure inside a request to what its client is told."""
+    while isinstance(exc, BaseExceptionGroup):  # raised inside a nursery: its first real failure
+        exc = next((e for e in exc.exceptions if not _is_cancelled(e)), exc.exceptions[0])
     if isinstance(exc, RequestError):
         return exc
     if isinstance(exc, EngineDead):
@@ -142,3 +145,9 @@ def as_request_error(exc: BaseException) -> RequestError:
     if isinstance(exc, FrameError):
         return RequestError(ErrorCode.INVALID_FRAME, str(exc))
     return RequestError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def _is_cancelled(exc: BaseException) -> bool:
+    import trio
+
+    return isinstance(exc, trio.Cancelled)

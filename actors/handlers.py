@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,6 +23,7 @@ import trio
 from .engine.actor import EngineRef
 from .engine.base import EngineInfo, EngineRequest, LoraAdapter, StepOutput
 from .errors import EngineDead, ErrorCode, RequestError, RequestFailed, invalid
+from .model_card import ModelCard, card_items
 from .pipeline import AbortReason, RequestPipeline
 
 __all__ = ["Emit", "Handler", "Handlers", "build_sampling", "step_item", "token_ids_of"]
@@ -233,7 +235,10 @@ class Handlers:
             "clear_kv_blocks": self.clear_kv_blocks,
             "sleep": self.sleep,
             "wake_up": self.wake_up,
+            "model_card": self.model_card,
         }
+        # the model card and its tokenizer files (set by roles, which knows the model's directory)
+        self.card_source: Callable[[EngineInfo], tuple[ModelCard, dict[str, Path]]] | None = None
         if enable_lora:
             self.endpoints.update(
                 {"load_lora": self.load_lora, "unload_lora": self.unload_lora, "list_loras": self.list_loras}
@@ -323,6 +328,16 @@ class Handlers:
             lora=lora,
             n=int(sampling.get("n", 1)),
         )
+
+    async def model_card(self, payload: Any, emit: Emit, request_id: str) -> None:
+        """The model card, then its tokenizer files in chunks (see :mod:`actors.model_card`)."""
+        if self.card_source is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "this worker has no model card")
+        info = await self.info()
+        source = self.card_source
+        items = await trio.to_thread.run_sync(lambda: list(card_items(*source(info))))
+        for item in items:
+            await emit(item)
 
     async def clear_kv_blocks(self, payload: Any, emit: Emit, request_id: str) -> None:
         await self.engine.reset_prefix_cache()

@@ -195,6 +195,7 @@ DISAGGREGATION_MODES = ("agg", "prefill", "decode", "encode")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console", "auto")
 ENGINES = ("vllm", "synthetic")
+ROUTER_MODES = ("round-robin", "random", "power-of-two", "kv")
 
 _VARS: tuple[EnvVar, ...] = (
     # identity and planes
@@ -208,7 +209,8 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_EVENT_PLANE", choice_parser(EVENT_PLANES), "zmq", "--event-plane"),
     EnvVar("DYN_ENABLE_LOCAL_INDEXER", parse_bool, True, "--enable-local-indexer"),
     EnvVar("DYN_DURABLE_KV_EVENTS", parse_bool, False, "--durable-kv-events"),
-    EnvVar("DYN_MIGRATION_LIMIT", int_parser(0), 0, "--migration-limit"),
+    EnvVar("DYN_MIGRATION_LIMIT", int_parser(0), 3, "--migration-limit"),
+    EnvVar("DYN_ROUTER_MODE", choice_parser(ROUTER_MODES), "round-robin", "--router-mode"),
     EnvVar("DYN_CUSTOM_JINJA_TEMPLATE", parse_str, None, "--custom-jinja-template"),
     EnvVar("DYN_ENDPOINT_TYPES", parse_list, ("chat", "completions"), "--endpoint-types"),
     EnvVar("DYN_TOOL_CALL_PARSER", parse_str, None, "--dyn-tool-call-parser"),
@@ -241,6 +243,7 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_HTTP_HOST", parse_host, "0.0.0.0", "--http-host"),
     EnvVar("DYN_REQUEST_PLANE_PORT", parse_port_or_free, 0, "--request-plane-port (0 picks a free port)", is_port=True),
     EnvVar("DYN_REQUEST_PLANE_HOST", parse_host, "127.0.0.1", "--request-plane-host"),
+    EnvVar("DYN_ADVERTISE_HOST", parse_host, None, "--advertise-host"),
     EnvVar("DYN_VLLM_KV_EVENT_PORT", parse_port, 20080,
            "ZMQ port of vLLM's KV event stream (the relay listens, vLLM connects; minus the data-parallel rank)",
            is_port=True),

@@ -15,11 +15,18 @@ from actors.endpoint import EndpointServer, Registration
 from actors.engine.actor import EngineActor, EngineRef
 from actors.engine.base import EngineBackend, EngineInfo
 from actors.engine.synthetic import SyntheticEngine
+from actors.frontend.instances import DiscoveryWatcher, Instances
+from actors.frontend.kv_index import KvIndex
+from actors.frontend.metrics import FrontendMetrics
+from actors.frontend.models import FrontendModels, FrontendOptions
+from actors.frontend.router import Router, RouterConfig
+from actors.frontend.subscriber import EventSubscriber
 from actors.handlers import Handlers
 from actors.health import Canary, HealthMonitor, HealthStatus
 from actors.http_front import WorkerModels
 from actors.kv_events import KvEventsRelay, KvEventsState, kv_event_sources
 from actors.metrics import MetricsActor, WorkerMetrics, vllm_metrics_source
+from actors.model_card import ModelCard, card_files
 from actors.openai import ByteTokenizer, HfTokenizer, OpenAIServer, Tokenizer
 from actors.pipeline import Inflight, RequestPipeline
 from actors.system import SystemRoutes, SystemServer
@@ -28,7 +35,7 @@ from .config import Config, check_startable
 from .errors import ConfigError
 from .http import BoundSocket
 from .planes.discovery import Discovery, FileDiscovery, MemDiscovery
-from .planes.events import EventPublisher, make_event_publisher
+from .planes.events import EventPublisher, ZmqEventPublisher, make_event_publisher
 from .planes.servers import etcd_endpoints_for, nats_servers_for
 from .signals import Lifecycle
 from .tree import ActorRegistry, ChildSpec, Restart, Strategy, Supervisor
@@ -45,16 +52,17 @@ class Tree:
     root_spec: ChildSpec
     registry: ActorRegistry
     lifecycle: Lifecycle
-    engine: EngineRef
     system_socket: BoundSocket
-    health: HealthStatus
     inflight: Inflight
     pipeline: RequestPipeline
-    registration: Registration
+    engine: EngineRef | None = None
+    health: HealthStatus | None = None
+    registration: Registration | None = None
     endpoint: EndpointServer | None = None
     metrics: WorkerMetrics | None = None
     events: EventPublisher | None = None
     kv_events: KvEventsState | None = None
+    instances: Instances | None = None  # the frontend's
 
     def close(self) -> None:
         """Release what the process owns outside the actors (after the tree stopped)."""
@@ -69,12 +77,19 @@ def make_backend(config: Config,
                  stats_listener: Callable[[Any, Any, int], None] | None = None) -> EngineBackend:
     if config.engine == "synthetic":
         shape = synthetic_model_shape(config.model)
+        kv_events: tuple[str, str | None] | None = None
+        if config.synthetic_kv_events and config.publishes_kv_events and config.kv_events_config:
+            [source] = kv_event_sources(config.kv_events_config, [0])
+            kv_events = (source.endpoint, source.replay_endpoint)
         return SyntheticEngine(
             step_s=config.synthetic_step_ms / 1000.0,
             die_after_s=config.synthetic_die_after,
             hang_after_s=config.synthetic_hang_after,
             load_s=config.synthetic_load_s,
             model=config.served_model_name or config.model or "synthetic",
+            block_size=config.block_size or 16,
+            prefill_s_per_token=config.synthetic_prefill_us_per_token / 1e6,
+            kv_events=kv_events,
             **shape,
         )
     if config.engine == "vllm":
@@ -156,6 +171,39 @@ def tokenizer_factory(config: Config) -> Callable[[], Tokenizer]:
     return load
 
 
+def advertise_host(config: Config, bound_host: str) -> str:
+    """The address other hosts reach this worker at: ``--advertise-host``, else the bind
+    address, or a detected routable address when bound to every interface."""
+    if config.advertise_host:
+        return config.advertise_host
+    if bound_host in ("0.0.0.0", "::"):
+        from .config import detect_side_channel_host
+
+        return detect_side_channel_host() or "127.0.0.1"
+    return bound_host
+
+
+def model_dir(config: Config) -> str | None:
+    if config.engine == "vllm":
+        return str(engine_args(config)["model"])
+    return config.model if _has_tokenizer(config.model) else None
+
+
+def card_source(config: Config) -> Callable[[EngineInfo], tuple[ModelCard, dict[str, Path]]]:
+    """The worker's model card and the tokenizer files a frontend fetches (``model_card``)."""
+    directory = model_dir(config)
+    template = getattr(config, "custom_jinja_template", None)
+
+    def source(info: EngineInfo) -> tuple[ModelCard, dict[str, Path]]:
+        files = card_files(directory, template) if directory else {}
+        card = ModelCard(name=info.model, context_length=info.max_model_len, block_size=info.block_size,
+                         total_kv_blocks=info.total_kv_blocks, tokenizer="hf" if files else "bytes",
+                         vocab_size=info.vocab_size, files=tuple(files))
+        return card, files
+
+    return source
+
+
 def serves_endpoints(config: Config) -> bool:
     """Non-leader data-parallel ranks run a degraded tree: no endpoints, no registration."""
     rank = getattr(config, "data_parallel_rank", None)
@@ -175,6 +223,8 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
     check_startable(config)  # what --check-config refuses, start refuses
     registry = registry or ActorRegistry()
     lifecycle = lifecycle or Lifecycle(grace_period=config.grace_period)
+    if config.role == "frontend":
+        return build_frontend_tree(config, registry, lifecycle)
     system_socket = BoundSocket(config.system_host, config.system_port)
     engine = EngineRef(f"{ROOT}/engine", registry)
     health = HealthStatus()
@@ -235,6 +285,21 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
             handlers.endpoints["kv_index"] = kv_state.kv_index
         plane = request_plane(config)
         request_host = getattr(config, "request_plane_host", None) or config.system_host
+        handlers.card_source = card_source(config)
+        advertised = advertise_host(config, request_host)
+
+        def runtime_extra() -> dict[str, Any]:
+            info = engine.info
+            extra: dict[str, Any] = {"role": config.role}
+            if config.sources.get("migration_limit") != "default":  # the worker's own limit wins for its model
+                extra["migration_limit"] = config.migration_limit
+            if isinstance(events, ZmqEventPublisher):
+                host = events.host if events.host not in ("0.0.0.0", "::") else advertised
+                extra["event_plane"] = f"tcp://{host}:{events.port}"
+            if info is not None:
+                extra["model_card"] = handlers.card_source(info)[0].to_json() if handlers.card_source else None
+            return extra
+
         endpoint = EndpointServer(
             handlers,
             BoundSocket(request_host, getattr(config, "request_plane_port", 0) or 0) if plane == "tcp" else None,
@@ -249,6 +314,8 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
             instance_id=instance_id,
             request_plane=plane,
             nats_servers=nats_servers_for(config),
+            advertise_host=advertised,
+            runtime_extra=runtime_extra,
         )
         children.append(endpoint.spec())
         handlers.on_sleep, handlers.on_wake = endpoint.suspend, endpoint.resume
@@ -270,6 +337,56 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
     # one (crash loop) still escalates: 20 restarts within 1 s.
     root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)
     spec = ChildSpec(ROOT, root.run, shutdown="infinity")
-    return Tree(root, spec, registry, lifecycle, engine, system_socket, health, inflight, pipeline, registration,
-                endpoint,
-                metrics=metrics, events=events, kv_events=kv_state)
+    return Tree(root, spec, registry, lifecycle, system_socket, inflight, pipeline, engine=engine, health=health,
+                registration=registration, endpoint=endpoint, metrics=metrics, events=events, kv_events=kv_state)
+
+
+def build_frontend_tree(config: Config, registry: ActorRegistry, lifecycle: Lifecycle) -> Tree:
+    """``--role frontend``: the OpenAI API over every worker discovery knows::
+
+        root
+        ├── system    /live /ready /health /metrics (dynamo_frontend_*) /debug/tree
+        ├── watcher   discovery -> the instances and their models' cards (tokenizers)
+        ├── events    the workers' KV events and load metrics -> the router (kv mode)
+        └── http      OpenAI API: route, prefill -> decode, migrate
+
+    The instances, the router (with its KV index) and the in-flight table are owned
+    here, above the actors: killing any of them loses nothing.
+    """
+    system_socket = BoundSocket(config.system_host, config.system_port)
+    routes = SystemRoutes()
+    instances = Instances()
+    index = KvIndex()
+    router = Router(RouterConfig(mode=config.router_mode, overlap_weight=config.kv_overlap_score_weight,
+                                 temperature=config.router_temperature, use_kv_events=config.kv_events,
+                                 decode_blocks_threshold=config.active_decode_blocks_threshold,
+                                 prefill_tokens_threshold=config.active_prefill_tokens_threshold), index)
+    instances.on_removed.append(lambda inst: index.forget(inst.id))
+    metrics = FrontendMetrics(instances, router)
+    routes.add("/metrics", metrics.metrics_page, ["GET"])
+    inflight = Inflight()
+    pipeline = RequestPipeline(lifecycle, inflight, observer=metrics)
+    routes.pipeline = pipeline
+    routes.checks["workers"] = lambda: (any(m.tokenizer is not None for m in instances.models.values()),
+                                        "no worker with a loaded model yet")
+    routes.details["workers"] = lambda: {i.id: {"model": i.model, "role": i.role, "active_requests":
+                                                i.active_requests, "active_blocks": i.active_blocks}
+                                         for i in instances.by_id.values()}
+    system = SystemServer(system_socket, registry, lifecycle, routes, enable_chaos=config.enable_chaos)
+    nats = nats_servers_for(config)
+    watcher = DiscoveryWatcher(instances, make_discovery(config), config.namespace, nats_servers=nats)
+    backend = FrontendModels(instances, router, metrics, FrontendOptions(
+        migration_limit=config.migration_limit, enforce_disagg=config.enforce_disagg, nats_servers=nats))
+    http_port = config.http_port if config.http_port is not None else 8000
+    http = OpenAIServer(BoundSocket(config.http_host, http_port), backend, pipeline, ByteTokenizer)
+    children = [
+        ChildSpec("system", system.run, Restart.PERMANENT, shutdown=1.0),
+        ChildSpec("watcher", watcher.run, Restart.PERMANENT, shutdown=1.0),
+    ]
+    if config.router_mode == "kv" and config.kv_events:
+        subscriber = EventSubscriber(instances, index, config.namespace, nats_servers=nats)
+        children.append(ChildSpec("events", subscriber.run, Restart.PERMANENT, shutdown=1.0))
+    children.append(http.spec())
+    root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)
+    spec = ChildSpec(ROOT, root.run, shutdown="infinity")
+    return Tree(root, spec, registry, lifecycle, system_socket, inflight, pipeline, instances=instances)

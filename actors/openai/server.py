@@ -15,6 +15,7 @@ stream is ours to write and a disconnect is noticed while it runs.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -62,6 +63,7 @@ class ServedModel:
     name: str  # as responses name it
     max_model_len: int
     adapter: str | None = None  # a LoRA adapter's name: the token-mode payload's ``model``
+    tokenizer: Tokenizer | None = None  # the model's own, when the server serves several (else the server's)
 
 
 class OutputStream(Protocol):
@@ -134,10 +136,10 @@ class _Exchange:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def json(self, status: int, body: dict[str, Any]) -> None:
+    async def json(self, status: int, body: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None) -> None:
         self.started = True
         await self.send({"type": "http.response.start", "status": status,
-                         "headers": [(b"content-type", b"application/json"), *self.headers]})
+                         "headers": [(b"content-type", b"application/json"), *self.headers, *(extra or [])]})
         await self.send({"type": "http.response.body", "body": _json(body), "more_body": False})
         self.done = True
 
@@ -167,7 +169,8 @@ class OpenAIServer:
         self.name = name
         self.max_body = max_body
         self.tokenizer: Tokenizer | None = None
-        self.runner: TokenizerRunner | None = None
+        self._runners: dict[int, TokenizerRunner] = {}
+        self._limiter = trio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))  # one core stays for the loop
 
     def spec(self) -> ChildSpec:
         return ChildSpec(self.name, self.run, Restart.PERMANENT, shutdown=2.0)
@@ -177,11 +180,17 @@ class OpenAIServer:
             await self.ready()
         if self.tokenizer is None:  # kept across restarts
             self.tokenizer = await trio.to_thread.run_sync(self.tokenizer_factory)
-            self.runner = TokenizerRunner(self.tokenizer)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_asgi, self.app(), self.bound)
             ctx.log.info("http.listening", host=self.bound.host, port=self.bound.port)
             task_status.started()
+
+    def runner(self, tokenizer: Tokenizer) -> TokenizerRunner:
+        """One runner per tokenizer, all sharing the process's tokenizing threads."""
+        runner = self._runners.get(id(tokenizer))
+        if runner is None:
+            runner = self._runners[id(tokenizer)] = TokenizerRunner(tokenizer, limiter=self._limiter)
+        return runner
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -221,7 +230,8 @@ class OpenAIServer:
     async def _send_error(self, exchange: _Exchange, error: RequestError) -> None:
         status, body = error_body(error)
         if not exchange.started:
-            await exchange.json(status, body)
+            extra = [(b"retry-after", str(max(1, round(error.retry_after))).encode())] if error.retry_after else []
+            await exchange.json(status, body, extra)
             return
         # mid-stream: an error event (with a hint whether a retry elsewhere is fine), then the end
         body["error"]["migratable"] = error.migratable
@@ -235,15 +245,16 @@ class OpenAIServer:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"request body is not JSON: {exc}") from None
         call = parse_call(body, chat=chat, request_id=base_id)
         served = await self.backend.serving(call.model)
-        assert self.runner is not None and self.tokenizer is not None
-        call.prompts = await tokenize(call, self.runner)
+        tokenizer = served.tokenizer or self.tokenizer
+        assert tokenizer is not None
+        call.prompts = await tokenize(call, self.runner(tokenizer))
         payloads = []
         for prompt in call.prompts:
             payload = prompt_payload(call, prompt, max_model_len=served.max_model_len)
             if served.adapter is not None:
                 payload["model"] = served.adapter
             payloads.append(payload)
-        renderer = Renderer(call, served.name, self.tokenizer)
+        renderer = Renderer(call, served.name, tokenizer)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, exchange, ticket.control)
             if call.stream:

@@ -110,10 +110,10 @@ class IncrementalDetokenizer:
 class TokenizerRunner:
     """Runs a tokenizer's calls off the trio thread when they are heavy."""
 
-    def __init__(self, tokenizer: Tokenizer, threads: int | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, limiter: trio.CapacityLimiter | None = None) -> None:
         self.tokenizer = tokenizer
         # one core stays free for the event loop (the streams)
-        self._limiter = trio.CapacityLimiter(threads or max(1, (os.cpu_count() or 2) - 1))
+        self._limiter = limiter or trio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self.tokenizer.heavy:

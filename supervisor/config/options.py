@@ -26,6 +26,7 @@ G_MULTIMODAL = "Multimodal options"
 G_HEALTH = "Health and shutdown"
 G_PROCESS = "Process options"
 G_SYNTHETIC = "Synthetic engine (benchmarks and chaos tests)"
+G_FRONTEND = "Frontend (--role frontend): routing, disaggregation, migration"
 G_VLLM = "vLLM engine options (AsyncEngineArgs, passed through to vLLM)"
 
 Kind = Literal["str", "bool", "flag", "int", "float", "port", "host", "choice", "list", "json", "payload", "path"]
@@ -109,6 +110,9 @@ OPTIONS: tuple[Option, ...] = (
            env="DYN_REQUEST_PLANE_PORT"),
     Option("--request-plane-host", "host", "Address the tcp request plane's listener binds (an IP address or "
            "localhost; 0.0.0.0 or :: for every interface).", env="DYN_REQUEST_PLANE_HOST"),
+    Option("--advertise-host", "host", "Address other hosts reach this worker at, written in its registration "
+           "(default: the bind address, or a detected routable address when bound to every interface).",
+           env="DYN_ADVERTISE_HOST"),
     Option("--nats-server", "str", "NATS server URL(s), comma-separated (default: $NATS_SERVER, else "
            "nats://localhost:4222)."),
     Option("--etcd-endpoints", "str", "etcd endpoint(s), comma-separated (default: $ETCD_ENDPOINTS, else "
@@ -117,8 +121,24 @@ OPTIONS: tuple[Option, ...] = (
            env="DYN_ENABLE_LOCAL_INDEXER"),
     Option("--durable-kv-events", "bool", "Publish KV events durably (JetStream) on the NATS event plane.",
            env="DYN_DURABLE_KV_EVENTS"),
-    Option("--migration-limit", "int", "How many times a request may migrate to another worker.",
+    Option("--migration-limit", "int", "How many times a request may move to another worker mid-stream (0: "
+           "never). A worker's own value, in its registration, wins for its model.",
            env="DYN_MIGRATION_LIMIT", minimum=0),
+    # -- the frontend
+    Option("--router-mode", "choice", "How the frontend picks a worker.", env="DYN_ROUTER_MODE",
+           choices=envs.ROUTER_MODES, group=G_FRONTEND),
+    Option("--kv-overlap-score-weight", "float", "kv mode: the weight of prompt blocks a worker must still "
+           "compute, against its active decode blocks.", default=1.0, minimum=0.0, group=G_FRONTEND),
+    Option("--router-temperature", "float", "kv mode: 0 picks the cheapest worker; above, a softmax over the "
+           "costs spreads the load.", default=0.0, minimum=0.0, group=G_FRONTEND),
+    Option("--kv-events", "bool", "kv mode: follow the workers' KV events (--no-kv-events: predict the cache "
+           "from the frontend's own decisions).", default=True, group=G_FRONTEND),
+    Option("--active-decode-blocks-threshold", "float", "A worker whose active decode blocks exceed this "
+           "fraction of its KV blocks is busy (all busy: 503).", minimum=0.0, group=G_FRONTEND),
+    Option("--active-prefill-tokens-threshold", "int", "A worker with more prompt tokens waiting for prefill "
+           "is busy (all busy: 503).", minimum=0, group=G_FRONTEND),
+    Option("--enforce-disagg", "bool", "Refuse requests when no prefill worker serves the model, instead of "
+           "serving them aggregated.", group=G_FRONTEND),
     Option("--custom-jinja-template", "path", "Chat template file overriding the model's ($VARS and ~ expanded).",
            env="DYN_CUSTOM_JINJA_TEMPLATE"),
     Option("--endpoint-types", "list", "Comma-separated OpenAI endpoint types: chat, completions.",
@@ -204,6 +224,11 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.0, group=G_SYNTHETIC, metavar="SECONDS"),
     Option("--synthetic-load-s", "float", "Seconds the engine takes to load.", default=0.0, minimum=0.0,
            group=G_SYNTHETIC, metavar="SECONDS"),
+    Option("--synthetic-prefill-us-per-token", "float", "Microseconds of prefill per prompt token not found in "
+           "the prefix cache (delays the first token).", default=0.0, minimum=0.0, group=G_SYNTHETIC,
+           metavar="US"),
+    Option("--synthetic-kv-events", "bool", "Publish the prefix cache's KV events in vLLM's format to the KV "
+           "event endpoints (DYN_VLLM_KV_EVENT_PORT), as vLLM does.", group=G_SYNTHETIC),
 )
 OPTIONS_BY_DEST: Mapping[str, Option] = {opt.dest: opt for opt in OPTIONS}
 _OPTIONS_BY_FLAG: Mapping[str, Option] = {opt.flag: opt for opt in OPTIONS}

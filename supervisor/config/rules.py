@@ -219,7 +219,7 @@ def _check_multimodal(s: _Settings, role: str, multimodal_role: str | None) -> b
 # Config field. The one list both --check-config and start read: shrink it as roles
 # and planes get built.
 NOT_AVAILABLE_YET: Mapping[str, tuple[str, ...]] = {
-    "role": ("encode", "processor", "frontend"),
+    "role": ("encode", "processor"),
     "request_plane": ("http",),
     "event_plane": ("nats",),
 }

@@ -20,9 +20,8 @@ import trio
 from actors.protocol import Data, End, Error, FrameReader, Request, encode_frame
 from supervisor.client import Call, CallError
 from tests.procs import Worker, wait_until, worker_fixture
+from tests.synthetic import continuation, text
 from tests.unit.test_metrics import value
-
-VOCAB = 32000
 
 
 def tcp_address(worker: Worker) -> str:
@@ -52,7 +51,7 @@ async def test_token_mode_items_say_which_sample_they_belong_to(worker: Worker) 
     async with Call(tcp_address(worker), "generate", payload) as call:
         items = await call.collect()
     by_sample = {i: [t for it in items if it["index"] == i for t in it["token_ids"]] for i in (0, 1)}
-    assert by_sample == {0: [5, 6, 7], 1: [12, 13, 14]}  # the synthetic engine: (5 + i + 7 * sample)
+    assert by_sample == {0: continuation([5], 3, 0), 1: continuation([5], 3, 1)}
     finished = [it for it in items if "finish_reason" in it]
     assert sorted(it["index"] for it in finished) == [0, 1]
     assert [("completion_usage" in it) for it in items] == [False] * (len(items) - 1) + [True]
@@ -62,10 +61,8 @@ async def test_token_mode_items_say_which_sample_they_belong_to(worker: Worker) 
 def test_n2_gives_two_choices_streaming_and_not(worker: Worker) -> None:
     client = http_client(worker)
     done = client.completions.create(model="synthetic", prompt="ab", max_tokens=3, n=2)
-    base = sum(b"ab")
     assert [c.index for c in done.choices] == [0, 1]
-    assert [c.text for c in done.choices] == [f" {base} {base + 1} {base + 2}",
-                                              f" {base + 7} {base + 8} {base + 9}"]
+    assert [c.text for c in done.choices] == [text(b"ab", 3, 0), text(b"ab", 3, 1)]
     assert done.usage is not None and done.usage.completion_tokens == 6
     chunks = list(client.completions.create(model="synthetic", prompt="ab", max_tokens=3, n=2, stream=True))
     texts: dict[int, str] = {}
@@ -82,9 +79,8 @@ def test_n2_gives_two_choices_streaming_and_not(worker: Worker) -> None:
 def test_a_list_of_prompts_is_a_batch(worker: Worker) -> None:
     client = http_client(worker)
     done = client.completions.create(model="synthetic", prompt=["a", "bc"], max_tokens=2, n=2)
-    a, bc = sum(b"a"), sum(b"bc")
     assert [(c.index, c.text) for c in done.choices] == [
-        (0, f" {a} {a + 1}"), (1, f" {a + 7} {a + 8}"), (2, f" {bc} {bc + 1}"), (3, f" {bc + 7} {bc + 8}")]
+        (0, text(b"a", 2, 0)), (1, text(b"a", 2, 1)), (2, text(b"bc", 2, 0)), (3, text(b"bc", 2, 1))]
     assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 8)
     streamed: dict[int, str] = {}
     for chunk in client.completions.create(model="synthetic", prompt=["a", "bc"], max_tokens=2, n=2, stream=True):
@@ -110,8 +106,12 @@ async def test_the_same_request_id_on_two_connections_runs_twice_and_both_drain(
             payload = {"token_ids": prompt, "stop_conditions": {"max_tokens": 100_000}}
             try:
                 async with Call(addr, "generate", payload, request_id="same-id") as call:
+                    seen = []
                     async for item in call:
-                        if item["token_ids"] == prompt[:1]:
+                        seen += item["token_ids"]
+                        if len(seen) == 1:
+                            # each connection gets its own request's tokens, not the other one's
+                            assert seen == continuation(prompt, 1)
                             first_items.release()
             except CallError as exc:
                 results.append(exc)

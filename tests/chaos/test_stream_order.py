@@ -13,8 +13,7 @@ import trio
 
 from actors.protocol import Data, End, Error, FrameReader, Request, encode_frame
 from tests.procs import Worker, worker_fixture
-
-VOCAB = 32000  # the synthetic engine's default
+from tests.synthetic import continuation
 
 
 def _ready_fast_worker(tmp_path: Path, *extra: str) -> Iterator[Worker]:
@@ -35,7 +34,7 @@ def fast_worker(tmp_path: Path) -> Iterator[Worker]:
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
-    return [(sum(prompt) + i) % VOCAB for i in range(n)]
+    return continuation(prompt, n)
 
 
 async def test_a_client_that_stops_reading_gets_every_frame_in_order(fast_worker: Worker) -> None:
@@ -141,6 +140,5 @@ def test_a_stalled_sse_reader_gets_every_event_once_in_order(fast_http_worker: W
         assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == n
         assert len(chunks) == n, "one event per token"
         texts = [c["choices"][0]["text"] for c in chunks]
-        base = sum(prompt.encode())
-        assert texts == [f" {(base + i) % VOCAB}" for i in range(n)]
+        assert texts == [f" {t}" for t in continuation(list(prompt.encode()), n)]
         assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (n - 1) + ["length"]

@@ -22,7 +22,7 @@ from supervisor.config import ConfigError, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-ROLES = "not available yet (available: agg, decode, prefill)"
+ROLES = "not available yet (available: agg, decode, prefill, frontend)"
 
 
 @dataclass
@@ -73,7 +73,6 @@ def no_vllm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
     ("role-encode", ["--role", "encode", "--enable-multimodal"], {}, f"error: --role encode: {ROLES}"),
     ("role-processor", ["--role", "processor", "--enable-multimodal"], {}, f"error: --role processor: {ROLES}"),
-    ("role-frontend", ["--role", "frontend"], {}, f"error: --role frontend: {ROLES}"),
     ("multimodal-processor", ["--multimodal-processor", "--enable-multimodal"], {},
      f"error: --role processor: {ROLES}"),
     ("request-plane-http", ["--request-plane", "http"], {},
@@ -111,7 +110,7 @@ def test_build_tree_refuses_with_the_same_line() -> None:
     from supervisor.roles import build_tree
 
     for args, expected in ((["--event-plane", "nats"], "--event-plane nats: not available yet (available: zmq)"),
-                           (["--role", "frontend"], f"--role frontend: {ROLES}")):
+                           (["--role", "encode", "--enable-multimodal"], f"--role encode: {ROLES}")):
         config = parse_args(["--engine", "synthetic", *args], {})
         with pytest.raises(ConfigError) as info:
             build_tree(config)

@@ -58,7 +58,7 @@ def test_defaults() -> None:
     assert (c.health_check_interval, c.health_check_timeout, c.canary_wait_time, c.grace_period) == (
         2.0, 3.0, 10.0, 5.0)
     assert c.endpoint_types == ("chat", "completions")
-    assert c.enable_local_indexer is True and c.durable_kv_events is False and c.migration_limit == 0
+    assert c.enable_local_indexer is True and c.durable_kv_events is False and c.migration_limit == 3
     assert c.model is None and c.served_model_name is None
     assert c.warnings == ()
     assert c.sources["namespace"] == "default" and c.sources["engine"] == "cli"

@@ -10,6 +10,7 @@ from actors.engine.actor import EngineActor, EngineRef
 from actors.engine.base import EngineRequest, LoraAdapter
 from actors.engine.synthetic import SyntheticEngine
 from supervisor.tree import ActorRegistry, ChildSpec, Restart, Strategy, Supervisor, run_supervised
+from tests.synthetic import continuation
 
 
 class SlowToAccept(SyntheticEngine):
@@ -70,7 +71,7 @@ async def test_leaving_a_stream_early_aborts_it(autojump_clock: trio.testing.Moc
         ref = await start_engine(nursery, backend)
         async with ref.generate(EngineRequest("r2", [3], max_tokens=1000)) as stream:
             first = await stream.__anext__()
-            assert first.token_ids == [3]
+            assert first.token_ids == continuation([3], 1)
         assert backend.aborted == ["r2"] and backend._running == {}
         nursery.cancel_scope.cancel()
 
@@ -100,8 +101,8 @@ async def test_n_samples_are_told_apart_and_the_last_output_ends_it(autojump_clo
         async with ref.generate(EngineRequest("r3", [10], max_tokens=3, n=2)) as stream:
             outs = [out async for out in stream]
         assert [o.index for o in outs] == [0, 1] * 3
-        assert [t for o in outs if o.index == 0 for t in o.token_ids] == [10, 11, 12]
-        assert [t for o in outs if o.index == 1 for t in o.token_ids] == [17, 18, 19]
+        assert [t for o in outs if o.index == 0 for t in o.token_ids] == continuation([10], 3, 0)
+        assert [t for o in outs if o.index == 1 for t in o.token_ids] == continuation([10], 3, 1)
         assert [o.finish_reason for o in outs[-2:]] == ["length", "length"]
         assert [o.final for o in outs] == [False] * 5 + [True]
         assert outs[-1].completion_tokens == 6

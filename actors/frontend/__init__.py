@@ -1,0 +1,1 @@
+"""The frontend role: routing over many workers, prefill -> decode, migration."""

@@ -1,0 +1,194 @@
+"""The frontend role over real synthetic worker processes: routing, migration when workers
+die or shut down mid-stream, workers joining, the frontend itself restarted."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.procs import Worker, wait_until, worker_fixture
+from tests.synthetic import text
+from tests.unit.test_metrics import value
+
+
+class Deployment:
+    """A frontend and synthetic workers sharing a discovery directory."""
+
+    def __init__(self, tmp: Path, *frontend_args: str) -> None:
+        self.tmp = tmp
+        self.env = {"DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery")}
+        self.frontend_args = frontend_args
+        self._gens: list[Iterator[Worker]] = []
+        self.workers: list[Worker] = []
+        self.frontend: Worker | None = None
+
+    def add_worker(self, *args: str, step_ms: str = "10") -> Worker:
+        gen = worker_fixture("--engine", "synthetic", "--synthetic-step-ms", step_ms,
+                             "--grace-period", "1", *args, env=self.env)
+        self._gens.append(gen)
+        worker = next(gen)
+        self.workers.append(worker)
+        worker.wait_event("endpoint.registered")
+        return worker
+
+    def start_frontend(self) -> Worker:
+        gen = worker_fixture("--role", "frontend", "--engine", "synthetic", "--http-port", "0",
+                             *self.frontend_args, env=self.env)
+        self._gens.append(gen)
+        self.frontend = next(gen)
+        self.frontend.wait_ready(30)
+        return self.frontend
+
+    def client(self) -> openai.OpenAI:
+        assert self.frontend is not None
+        port = self.frontend.wait_event("http.listening")["port"]
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        for gen in reversed(self._gens):
+            gen.close()  # SIGTERM what still runs, and assert nothing is left behind
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path, *getattr(request, "param", ()))
+    try:
+        yield dep
+    finally:
+        dep.close()
+
+
+def stream_texts(client: openai.OpenAI, prompts: list[str], max_tokens: int,
+                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Stream every prompt at once (a thread each); the text each got, or its error."""
+    results: dict[str, Any] = {}
+
+    def one(i: int, prompt: str) -> None:
+        try:
+            got, finish = "", None
+            stream = client.completions.create(model="synthetic", prompt=prompt, max_tokens=max_tokens, stream=True)
+            for chunks, chunk in enumerate(stream, 1):
+                for choice in chunk.choices:
+                    got += choice.text
+                    finish = choice.finish_reason or finish
+                if on_progress is not None:
+                    on_progress(i, chunks)
+            results[prompt] = (got, finish)
+        except Exception as exc:  # reported, not raised: the test says which stream failed how
+            results[prompt] = exc
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_32_streams_survive_a_killed_and_a_stopped_worker(deployment: Deployment) -> None:
+    workers = [deployment.add_worker() for _ in range(3)]
+    frontend = deployment.start_frontend()
+    client = deployment.client()
+    prompts = [f"prompt {i}" for i in range(32)]
+    max_tokens = 400  # 4 s at 10 ms a token: both failures land mid-stream
+    progress: dict[int, int] = {}
+    all_going = threading.Event()
+
+    def on_progress(i: int, chunks: int) -> None:
+        progress[i] = chunks
+        if len(progress) == len(prompts) and min(progress.values()) >= 20:
+            all_going.set()
+
+    def chaos() -> None:
+        assert all_going.wait(60), f"streams did not get going: {progress}"
+        workers[0].proc.send_signal(signal.SIGKILL)
+        workers[1].signal(signal.SIGTERM)  # drains 1 s, then aborts what is left (migratable)
+
+    saboteur = threading.Thread(target=chaos)
+    saboteur.start()
+    results = stream_texts(client, prompts, max_tokens, on_progress)
+    saboteur.join(60)
+    broken = {p: r for p, r in results.items() if r != (text(p.encode(), max_tokens), "length")}
+    assert not broken, {p: (r if isinstance(r, Exception) else (len(r[0]), r[1])) for p, r in broken.items()}
+    page = frontend.get("/metrics").text
+    migrated = value(page, "dynamo_frontend_migrations_total")
+    # every stream on the two failed workers moved (about two thirds of 32)
+    assert migrated >= 10, f"only {migrated} migrations"
+    moved = [e for e in frontend.events() if e["event"] == "request.migrating"]
+    assert {e["reason"] for e in moved} <= {"disconnected", "shutting_down", "stream_broken", "timeout"}
+    assert workers[1].wait(30) == 0
+    print(f"\n32 streams, one worker SIGKILLed and one SIGTERMed mid-stream: {migrated:.0f} migrations")
+
+
+def test_a_worker_that_joins_is_used_and_one_that_leaves_is_not(deployment: Deployment) -> None:
+    first = deployment.add_worker()
+    frontend = deployment.start_frontend()
+    client = deployment.client()
+    assert client.completions.create(model="synthetic", prompt="a", max_tokens=2).choices[0].text == text(b"a", 2)
+    second = deployment.add_worker()
+    wait_until(lambda: any(e["event"] == "frontend.worker_added" and e["instance"] != _instance(first)
+                           for e in frontend.events()), 20, "the frontend to see the new worker")
+    for i in range(6):  # round-robin: both take requests
+        client.completions.create(model="synthetic", prompt=f"x{i}", max_tokens=2)
+    routed = {e["worker"] for e in frontend.events() if e["event"] == "request.routed"}
+    assert routed == {_instance(first), _instance(second)}
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    wait_until(lambda: any(e["event"] == "frontend.worker_removed" for e in frontend.events()), 20,
+               "the frontend to drop the stopped worker")
+    for i in range(4):
+        reply = client.completions.create(model="synthetic", prompt=f"y{i}", max_tokens=2)
+        assert reply.choices[0].text == text(f"y{i}".encode(), 2)
+
+
+def _instance(worker: Worker) -> str:
+    return str(worker.wait_event("endpoint.registered")["key"]).rsplit(".", 1)[-1]
+
+
+def test_the_frontend_killed_under_load_comes_back_and_serves(deployment: Deployment) -> None:
+    deployment.frontend_args = ("--enable-chaos",)
+    deployment.add_worker()
+    deployment.add_worker()
+    frontend = deployment.start_frontend()
+    client = deployment.client()
+    results = {}
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            prompt = f"load {uuid.uuid4().hex[:6]}"
+            try:
+                reply = client.completions.create(model="synthetic", prompt=prompt, max_tokens=20)
+                results[prompt] = reply.choices[0].text == text(prompt.encode(), 20)
+            except openai.APIError as exc:
+                results[prompt] = exc
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(results) >= 8, 30, "requests under load")
+        for actor in ("root/http", "root/watcher"):
+            r = frontend.post(f"/debug/actors/{actor}/kill")
+            assert r.status_code == 200, r.text
+        count = len(results)
+        wait_until(lambda: len(results) >= count + 8, 30, "requests after the kills")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    good = [p for p, ok in results.items() if ok is True]
+    assert len(good) >= 16
+    # whatever was cut by the kill of the HTTP actor itself is an error, never a wrong answer
+    assert all(ok is True or isinstance(ok, openai.APIError) for ok in results.values())
+    restarts = {e["actor"] for e in frontend.events() if e["event"] == "actor.restarted"}
+    assert {"root/http", "root/watcher"} <= restarts
+    assert httpx.get(frontend.url("/ready"), timeout=5).status_code == 200
