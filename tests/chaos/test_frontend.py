@@ -192,3 +192,47 @@ def test_the_frontend_killed_under_load_comes_back_and_serves(deployment: Deploy
     restarts = {e["actor"] for e in frontend.events() if e["event"] == "actor.restarted"}
     assert {"root/http", "root/watcher"} <= restarts
     assert httpx.get(frontend.url("/ready"), timeout=5).status_code == 200
+
+
+def _kv_worker(deployment: Deployment) -> Worker:
+    from tests.procs import free_port
+
+    port = free_port()
+    deployment.env = {**deployment.env, "DYN_VLLM_KV_EVENT_PORT": str(port),
+                      "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port())}
+    return deployment.add_worker("--synthetic-kv-events", step_ms="2")  # 16-token blocks
+
+
+def _prefix_hit_rate(tmp_path: Path, mode: str) -> tuple[float, list[dict[str, Any]]]:
+    """Four long shared prefixes (system prompts), six requests each, one at a time, over
+    three workers: the share of prompt tokens the chosen worker had cached."""
+    deployment = Deployment(tmp_path / mode, "--router-mode", mode)
+    try:
+        for _ in range(3):
+            _kv_worker(deployment)
+        frontend = deployment.start_frontend()
+        client = deployment.client()
+        prefixes = [f"system prompt {k}: " + "you are a careful assistant. " * 12 for k in range(4)]
+        cached, prompt = 0, 0
+        for turn in range(6):
+            for prefix in prefixes:
+                reply = client.completions.create(model="synthetic", prompt=f"{prefix} question {turn}",
+                                                  max_tokens=2)
+                assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+                cached += reply.usage.prompt_tokens_details.cached_tokens or 0
+                prompt += reply.usage.prompt_tokens
+        return cached / prompt, [e for e in frontend.events() if e["event"] == "request.routed"]
+    finally:
+        deployment.close()
+
+
+def test_requests_sharing_a_prefix_go_where_it_is_cached(tmp_path: Path) -> None:
+    """kv routing follows the workers' KV events (vLLM's format, from the synthetic engine's
+    prefix cache) to the worker holding the prompt's prefix; round-robin, the control, does not."""
+    kv, routed = _prefix_hit_rate(tmp_path, "kv")
+    control, _ = _prefix_hit_rate(tmp_path, "round-robin")
+    print(f"\nprompt tokens found cached on the chosen worker: kv {kv:.0%}, round-robin {control:.0%}")
+    # after the first round, every kv-routed request lands where its prefix is (but its last partial block)
+    assert kv > 0.7, f"kv routing found {kv:.0%} of prompt tokens cached"
+    assert kv > control + 0.2, f"kv {kv:.0%} is no better than round-robin {control:.0%}"
+    assert sum(e["overlap_blocks"] for e in routed) > 0
