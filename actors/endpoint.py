@@ -39,6 +39,7 @@ from supervisor.tree import ActorContext, ChildSpec, Restart, Strategy, Supervis
 from .engine.actor import EngineRef
 from .errors import ErrorCode, FrameError, RequestError
 from .handlers import Handlers
+from .http_plane import HttpRequestPlane
 from .nats_plane import NatsRequestPlane, request_subject
 from .pipeline import AbortReason, RequestControl, RequestPipeline
 from .protocol import Frame, FrameReader, Request, encode_frame
@@ -51,7 +52,7 @@ _log = structlog.get_logger("actors.endpoint")
 READ_SIZE = 65536
 PARTIAL_FRAME_TIMEOUT = 30.0  # a frame started must be finished within this
 SEND_QUEUE = 256
-REQUEST_PLANES = ("tcp", "nats")
+REQUEST_PLANES = ("tcp", "nats", "http")
 
 @dataclass
 class Registration:
@@ -108,10 +109,14 @@ class EndpointServer:
         self.runtime_extra = runtime_extra
         if request_plane not in REQUEST_PLANES:
             raise ValueError(f"request plane {request_plane!r}: expected one of {', '.join(REQUEST_PLANES)}")
-        if request_plane == "tcp" and bound is None:
-            raise ValueError("the TCP request plane needs a bound socket")
+        if request_plane in ("tcp", "http") and bound is None:
+            raise ValueError(f"the {request_plane} request plane needs a bound socket")
         self.request_plane = request_plane
         self.nats: NatsRequestPlane | None = None
+        self.http: HttpRequestPlane | None = None
+        if request_plane == "http":
+            assert bound is not None
+            self.http = HttpRequestPlane(bound, self.serve_request)
         if request_plane == "nats":
             subject = request_subject(namespace, component, endpoint, self.instance_id)
             self.nats = NatsRequestPlane(nats_servers, subject, self.serve_request)
@@ -119,7 +124,7 @@ class EndpointServer:
         lifecycle.on_deregister("endpoint", self._deregister)
 
     def spec(self) -> ChildSpec:
-        plane = self.nats.children() if self.nats is not None else [
+        plane = self.nats.children() if self.nats is not None else self.http.children() if self.http else [
             ChildSpec("connections", self._connections, Restart.PERMANENT, shutdown=2.0),
             ChildSpec("listener", self._listener, Restart.PERMANENT, shutdown="brutal"),
         ]
@@ -275,11 +280,19 @@ class EndpointServer:
             endpoint=self.endpoint,
             instance_id=self.instance_id,
             transport=self.request_plane,
-            address=self.nats.subject if self.nats is not None else f"{self.advertise_host}:{self.bound_port}",
+            address=self._address(),
             model=model,
             runtime_config=runtime,
             pid=os.getpid(),
         )
+
+    def _address(self) -> str:
+        if self.nats is not None:
+            return self.nats.subject
+        host = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
+        if self.http is not None:
+            return f"http://{host}:{self.bound_port}"
+        return f"{host}:{self.bound_port}"
 
     async def _registrar(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         await self.engine.wait_ready()

@@ -24,6 +24,7 @@ import trio
 from supervisor.tree import ActorContext, TaskStatus
 
 from .engine.actor import EngineRef
+from .engine.base import EngineInfo
 from .errors import EngineDead, EngineUnhealthy, ErrorCode
 from .handlers import Handlers
 from .pipeline import RequestPipeline, Status, Ticket
@@ -59,10 +60,17 @@ class Canary:
     payload: Mapping[str, Any] | None = None
     sent: int = field(default=0)
 
-    def request(self, bos: int | None) -> dict[str, Any]:
+    def request(self, info: EngineInfo | None) -> dict[str, Any]:
+        """The BOS token, greedy, one token. On a disaggregated worker the prompt is one
+        full KV block and a token more: vLLM 0.32's ExampleConnector fails the engine on a
+        repeated prompt shorter than a block, which a short canary is every time."""
         if self.payload is not None:
             return dict(self.payload)
-        return {"token_ids": [bos if bos is not None else 1], "sampling_options": {"temperature": 0.0},
+        bos = info.bos_token_id if info is not None and info.bos_token_id is not None else 1
+        length = 1
+        if self.handlers.role in ("prefill", "decode") and info is not None:
+            length = info.block_size + 1
+        return {"token_ids": [bos] * length, "sampling_options": {"temperature": 0.0},
                 "stop_conditions": {"max_tokens": 1}}
 
 
@@ -138,7 +146,7 @@ class HealthMonitor:
         got: list[Any] = []
 
         async def work(ticket: Ticket) -> None:
-            request = await canary.handlers.prepare(canary.request(info.bos_token_id if info else None), ticket.key)
+            request = await canary.handlers.prepare(canary.request(info), ticket.key)
             async with self.engine.generate(request) as stream:
                 got.extend([out async for out in stream])
 

@@ -9,18 +9,20 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import common, lifecycle, overhead, speed
+from . import common, lifecycle, overhead, routing, speed
 from .common import OUT, RESULTS_MD, machine
 
 SUITES: dict[str, Callable[[bool], dict[str, Any]]] = {
     "overhead": overhead.run,
     "speed": speed.run,
     "lifecycle": lifecycle.run,
+    "routing": routing.run,
 }
 TITLES = {
     "overhead": "1. Overhead: our worker against raw AsyncLLM and vllm serve (real vLLM, demo model)",
     "speed": "2. Speed of light: synthetic engine, zero step time, worker on one core",
     "lifecycle": "3. Recovery and lifecycle",
+    "routing": "4. Routing quality at scale (simulated workers, the frontend's router)",
 }
 
 
@@ -55,6 +57,7 @@ MARKDOWN: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "overhead": overhead.markdown,
     "speed": speed.markdown,
     "lifecycle": _lifecycle_md,
+    "routing": routing.markdown,
 }
 
 
@@ -103,6 +106,13 @@ def _aims(results: dict[str, dict[str, Any]]) -> list[str]:
     if lc.get("engine_sigkill_to_exit_ms", {}).get("n"):
         s = lc["engine_sigkill_to_exit_ms"]
         rows.append(("engine death -> exit: < 6 s", f"p50 {s['p50']} ms, max {s['max']} ms", verdict(s["max"] < 6000)))
+    rt = results.get("routing", {}).get("table")
+    if rt:
+        for n, t in rt.items():
+            rows.append((f"kv routing, {n} workers: TTFT p50 cut >= 30% against round-robin",
+                         f"{t['ttft_p50_cut']:.0%} (p99 {t['ttft_p99_cut']:.0%})", verdict(t["ttft_p50_cut"] >= 0.3)))
+            rows.append((f"router cost, {n} workers: < 0.5 ms p99", f"{t['router_p99_us']} us",
+                         verdict(t["router_p99_us"] < 500)))
     if not rows:
         return []
     return ["## Aims", "", "| aim | reached | |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows], ""]

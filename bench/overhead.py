@@ -62,7 +62,8 @@ START_TIMEOUT = 300.0
 
 def vllm_env() -> dict[str, str | None]:
     return {"VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_CPU_KVCACHE_SPACE": None, "TOKENIZERS_PARALLELISM": "false"}
+            "VLLM_CPU_KVCACHE_SPACE": None, "TOKENIZERS_PARALLELISM": "false",
+            "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}  # as our worker runs vLLM (supervisor/cli.py)
 
 
 def merged_env(extra: dict[str, str | None]) -> dict[str, str]:

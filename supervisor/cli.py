@@ -41,6 +41,11 @@ def _apply_process_defaults(config: Config) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         route_vllm_logs(config.log_level)
         os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        # oneDNN's AMX bf16 matrix products give wrong numbers on AMX machines here (the demo model
+        # answers "L'Étoile, la Marseillaise" for the capital of France); capped at AVX-512 BF16
+        # they are right (measured: "The capital of France is Paris."). Only a cap: a CPU without
+        # AMX is unaffected, and a value the user set wins.
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
         if "kv_cache_memory_bytes" not in config.engine_args:
             # whole GiB; unset, vLLM takes 7 GiB and 15 s to set it up. It overrides
             # kv_cache_memory_bytes, so only when that is not given.

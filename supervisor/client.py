@@ -62,7 +62,7 @@ from supervisor.planes.servers import close_nats, connect_nats, split_urls
 # how long leaving a call early waits for the worker to end the request
 CANCEL_ACK_TIMEOUT = 1.0
 
-__all__ = ["Call", "CallError", "NatsCall", "find_instances", "main", "make_discovery", "open_call"]
+__all__ = ["Call", "CallError", "HttpCall", "NatsCall", "find_instances", "main", "make_discovery", "open_call"]
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -344,10 +344,105 @@ class NatsCall:
         return [item async for item in self]
 
 
+class HttpCall:
+    """One request on the HTTP request plane: ``POST {address}/rpc`` with the request
+    frame; the answer's body streams the TCP plane's frames. Leaving early posts a
+    ``cancel`` frame to ``{address}/cancel``. Checked like :class:`Call`."""
+
+    def __init__(self, address: str, endpoint: str, payload: Any, *, request_id: str | None = None,
+                 silence_timeout: float = SILENCE_TIMEOUT) -> None:
+        self.address = address.rstrip("/")
+        self.endpoint = endpoint
+        self.payload = payload
+        self.request_id = request_id or uuid.uuid4().hex
+        self.silence_timeout = silence_timeout
+        self._client: Any = None
+        self._response: Any = None
+        self._chunks: Any = None
+        self._reader = FrameReader()
+        self._pending: list[Frame] = []
+        self._check = StreamCheck(self.request_id)
+        self.done = False
+
+    async def __aenter__(self) -> HttpCall:
+        import httpx
+
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+        body = encode_body(Request(self.request_id, self.endpoint, self.payload))
+        try:
+            request = self._client.build_request("POST", f"{self.address}/rpc", content=body)
+            self._response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await self._client.aclose()
+            raise ConnectionError(f"cannot reach {self.address}: {exc}") from None
+        self._chunks = self._response.aiter_raw()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        import httpx
+
+        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_ACK_TIMEOUT):
+            try:
+                if not self.done:
+                    await self._client.post(f"{self.address}/cancel", content=encode_body(Cancel(self.request_id)))
+                if self._response is not None:
+                    await self._response.aclose()
+            except httpx.HTTPError:
+                pass
+            finally:
+                await self._client.aclose()
+
+    def __aiter__(self) -> HttpCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        import httpx
+
+        while True:
+            while not self._pending:
+                if self.done:
+                    raise StopAsyncIteration
+                try:
+                    with trio.fail_after(self.silence_timeout):
+                        data = await self._chunks.__anext__()
+                except trio.TooSlowError:
+                    raise self._check.silent(self.silence_timeout) from None
+                except StopAsyncIteration:
+                    self.done = True
+                    raise self._check.cut("the worker ended the response") from None
+                except httpx.HTTPError as exc:
+                    self.done = True
+                    raise self._check.cut(f"the HTTP stream broke ({exc})") from None
+                try:
+                    self._pending.extend(f for f in self._reader.feed(data)
+                                         if f.id == self.request_id or (isinstance(f, Error) and f.id == ""))
+                except FrameError as exc:
+                    self.done = True
+                    raise self._check.broken(str(exc)) from None
+            frame = self._pending.pop(0)
+            try:
+                item = self._check.take(frame)
+            except CallError:
+                self.done = not isinstance(frame, Data)
+                raise
+            if item is None:
+                continue
+            if item is _END:
+                self.done = True
+                raise StopAsyncIteration
+            return item
+
+    async def collect(self) -> list[Any]:
+        return [item async for item in self]
+
+
 def open_call(record: InstanceRecord, endpoint: str, payload: Any, *,
               nats_servers: Sequence[str] | str | None = None, nats_connection: Any = None,
-              request_id: str | None = None) -> Call | NatsCall:
+              request_id: str | None = None) -> Call | NatsCall | HttpCall:
     """A call to the instance a discovery record describes, on its transport."""
+    if record.transport == "http":
+        return HttpCall(record.address, endpoint, payload, request_id=request_id)
     if record.transport == "nats":
         return NatsCall(record.address, endpoint, payload, servers=nats_servers, connection=nats_connection,
                         request_id=request_id)
@@ -409,7 +504,8 @@ async def _cli_call(args: argparse.Namespace) -> int:
         print(f"error: --payload is not JSON: {exc}", file=sys.stderr)
         return 2
     if args.address is not None:
-        record = InstanceRecord(namespace, component, endpoint, "", "tcp", args.address, "")
+        transport = "http" if args.address.startswith(("http://", "https://")) else "tcp"
+        record = InstanceRecord(namespace, component, endpoint, "", transport, args.address, "")
     elif args.subject is not None:
         record = InstanceRecord(namespace, component, endpoint, "", "nats", args.subject, "")
     else:
@@ -445,7 +541,8 @@ async def _cli_call(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supervisor.client", description=__doc__.split("\n")[0])
     parser.add_argument("--endpoint", default="dynamo.backend.generate", help="namespace.component.endpoint")
-    parser.add_argument("--address", default=None, help="host:port (TCP plane), skipping discovery")
+    parser.add_argument("--address", default=None,
+                        help="host:port (TCP plane) or http://host:port (HTTP plane), skipping discovery")
     parser.add_argument("--subject", default=None, help="a worker's NATS subject (NATS plane), skipping discovery")
     parser.add_argument("--discovery-backend", choices=("file", "etcd", "nats"),
                         default=os.environ.get("DYN_DISCOVERY_BACKEND") or "file",

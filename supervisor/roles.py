@@ -290,7 +290,9 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
 
         def runtime_extra() -> dict[str, Any]:
             info = engine.info
-            extra: dict[str, Any] = {"role": config.role}
+            # the data-parallel ranks this process serves (a router addresses them by dp_rank)
+            extra: dict[str, Any] = {"role": config.role, "data_parallel_start_rank": ranks[0],
+                                     "data_parallel_size": len(ranks)}
             if config.sources.get("migration_limit") != "default":  # the worker's own limit wins for its model
                 extra["migration_limit"] = config.migration_limit
             if isinstance(events, ZmqEventPublisher):
@@ -302,7 +304,7 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
 
         endpoint = EndpointServer(
             handlers,
-            BoundSocket(request_host, getattr(config, "request_plane_port", 0) or 0) if plane == "tcp" else None,
+            BoundSocket(request_host, getattr(config, "request_plane_port", 0) or 0) if plane != "nats" else None,
             lifecycle,
             pipeline,
             discovery=make_discovery(config),

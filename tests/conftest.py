@@ -60,7 +60,8 @@ def vllm_serve(tiny_model: Path) -> Iterator[VllmServe]:
     # vllm serve's worker dies with SIGILL on its first request on AMX machines
     server = VllmServe("--model", str(tiny_model), *VLLM_TEST_ARGS,
                        "--worker-extension-cls", "actors.engine.vllm_worker.WorkerSetup",
-                       env={"VLLM_CPU_KVCACHE_SPACE": None, "DYN_VLLM_KV_EVENT_PORT": None})
+                       env={"VLLM_CPU_KVCACHE_SPACE": None, "DYN_VLLM_KV_EVENT_PORT": None,
+                            "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})  # as our worker runs it
     try:
         server.wait_ready()
         yield server

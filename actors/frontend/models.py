@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import trio
 
-from supervisor.client import Call, CallError, NatsCall, open_call
+from supervisor.client import Call, CallError, HttpCall, NatsCall, open_call
 
 from ..engine.base import StepOutput
 from ..errors import ErrorCode, RequestError
@@ -118,8 +118,10 @@ class FrontendModels:
                 await stream.aclose()
 
 
-async def _enter(stack: AsyncExitStack, opened: Call | NatsCall) -> Call | NatsCall:
+async def _enter(stack: AsyncExitStack, opened: Call | NatsCall | HttpCall) -> Call | NatsCall | HttpCall:
     if isinstance(opened, Call):
+        return await stack.enter_async_context(opened)
+    if isinstance(opened, HttpCall):
         return await stack.enter_async_context(opened)
     return await stack.enter_async_context(opened)
 
@@ -143,7 +145,7 @@ class RoutedStream:
         self.excluded: set[str] = set()
         self.migrations = 0
         self._stack: AsyncExitStack | None = None
-        self._call: Call | NatsCall | None = None
+        self._call: Call | NatsCall | HttpCall | None = None
         self._decision: Decision | None = None
         self._pending: list[StepOutput] = []
         self._started = time.monotonic()

@@ -9,10 +9,11 @@ Modes (``--router-mode``):
 
       cost = overlap_weight * prefill_blocks + active_decode_blocks
 
-  where ``prefill_blocks`` are the prompt's blocks the worker does not hold yet (from
-  the KV index: the workers' KV events, or predictions from our own decisions with
-  ``--no-kv-events``) and ``active_decode_blocks`` the blocks of the requests it runs
-  (our own bookkeeping). The cheapest wins; with ``--router-temperature`` > 0 a softmax
+  where ``prefill_blocks`` are the blocks the worker would still have to prefill: the
+  prompt's blocks it does not hold yet (from the KV index: the workers' KV events, or
+  predictions from our own decisions with ``--no-kv-events``) plus the prompt tokens
+  already routed to it and not yet prefilled; ``active_decode_blocks`` are the blocks of
+  the requests it runs (our own bookkeeping). The cheapest wins; with ``--router-temperature`` > 0 a softmax
   over ``-cost / temperature`` picks, so load spreads; ties are broken at random.
 
 Busy workers (``--active-decode-blocks-threshold``, a fraction of the worker's KV
@@ -142,7 +143,8 @@ class Router:
             for rank in range(w.dp_size):
                 key: WorkerKey = (w.id, rank)
                 overlap = self.index.overlap(key, hashes)
-                cost = self.config.overlap_weight * (len(hashes) - overlap) + w.active_blocks
+                prefill_blocks = len(hashes) - overlap + w.prefill_tokens / max(1, w.block_size)
+                cost = self.config.overlap_weight * prefill_blocks + w.active_blocks
                 costs.append((cost, w, rank, overlap))
         if self.config.temperature > 0:
             lowest = min(c[0] for c in costs)

@@ -78,7 +78,7 @@ class Renderer:
             return out.text
         if choice.detok is None:
             choice.detok = IncrementalDetokenizer(self.tokenizer)
-        return choice.detok.add(out.token_ids, final=out.finish_reason is not None)
+        return choice.detok.add(out.token_ids)
 
     def take(self, prompt_index: int, out: StepOutput) -> tuple[_Choice, str, Any]:
         """Record one output; returns its choice, its text delta and its logprobs (rendered

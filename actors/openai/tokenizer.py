@@ -84,17 +84,18 @@ class HfTokenizer:
 class IncrementalDetokenizer:
     """Text for a stream of token ids, one delta at a time, correct across
     multi-byte characters split over tokens: a delta is only released once it
-    no longer ends in an incomplete character (U+FFFD)."""
+    no longer ends in an incomplete character (U+FFFD). An incomplete character
+    at the very end is dropped, as vLLM's own detokenizer does."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.emitted = ""
 
-    def add(self, token_ids: Sequence[int], final: bool = False) -> str:
+    def add(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(token_ids)
         text = self.tokenizer.decode(self.ids)
-        if not final and text.endswith("\ufffd"):
+        if text.endswith("\ufffd"):
             return ""
         if not text.startswith(self.emitted):  # a tokenizer that rewrote earlier text: send what is new
             common = 0

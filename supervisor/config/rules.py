@@ -220,7 +220,7 @@ def _check_multimodal(s: _Settings, role: str, multimodal_role: str | None) -> b
 # and planes get built.
 NOT_AVAILABLE_YET: Mapping[str, tuple[str, ...]] = {
     "role": ("encode", "processor"),
-    "request_plane": ("http",),
+    "request_plane": (),
     "event_plane": ("nats",),
 }
 _ALL_VALUES: Mapping[str, tuple[str, ...]] = {

@@ -128,3 +128,12 @@ def test_chat_logprobs(clients: Any, tiny_model: Path) -> None:
     streamed = [e.token for chunk in sa for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     reference = [e.token for chunk in sb for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert streamed == reference == [e.token for e in cb]
+
+
+def test_a_prompt_of_token_ids(clients: Any, tiny_model: Path) -> None:
+    kw = {"model": str(tiny_model), "prompt": [1] + [(7 * i) % 300 + 3 for i in range(64)], "max_tokens": 8,
+          "temperature": 0, "extra_body": {"ignore_eos": True}}
+    a, b = both(clients, "completions", **kw)
+    assert choices(a, False) == choices(b, False)
+    sa, sb = both(clients, "completions", stream=True, **kw)
+    assert streamed_texts(sa, False) == streamed_texts(sb, False) == {c[0]: c[1] for c in choices(b, False)}

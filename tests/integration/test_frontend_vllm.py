@@ -1,0 +1,65 @@
+"""The frontend over two real vLLM workers (tiny model): the worker serving a greedy stream is
+SIGKILLed mid-stream, the stream moves to the other one, and the client's text equals the
+uninterrupted run's."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import start_vllm_worker
+from tests.procs import Worker, wait_until, worker_fixture
+
+pytestmark = pytest.mark.vllm
+
+
+def instance_of(worker: Worker) -> str:
+    return str(worker.wait_event("endpoint.registered", timeout=240)["key"]).rsplit(".", 1)[-1]
+
+
+def test_a_killed_workers_stream_continues_on_the_other(tiny_model: Path, tmp_path: Path) -> None:
+    # float32: a continuation computed as one prefill of prompt + streamed tokens equals the
+    # token-by-token decode it replaces; bf16 rounding could flip a near-tie of the random model
+    gens = [start_vllm_worker(tiny_model, tmp_path, "--dtype", "float32") for _ in range(2)]
+    workers = [next(g) for g in gens]
+    frontend_gen = worker_fixture("--role", "frontend", "--engine", "synthetic", "--http-port", "0",
+                                  "--system-port", "0", env={"DYN_FILE_DISCOVERY_DIR": str(tmp_path / "discovery")})
+    frontend = next(frontend_gen)
+    try:
+        for w in workers:
+            w.wait_ready(timeout=240)
+        frontend.wait_ready(60)
+        port = frontend.wait_event("http.listening")["port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
+        kw = {"model": str(tiny_model), "prompt": "the dog ran after the ball and", "max_tokens": 400,
+              "temperature": 0, "extra_body": {"ignore_eos": True}}
+        uninterrupted = client.completions.create(**kw).choices[0].text
+        by_instance = {instance_of(w): w for w in workers}
+        pieces: list[str] = []
+        streaming = threading.Event()
+
+        def kill_the_serving_worker() -> None:
+            assert streaming.wait(120)
+            routed = [e for e in frontend.events() if e["event"] == "request.routed"]
+            by_instance[routed[-1]["worker"]].proc.send_signal(signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_the_serving_worker)
+        killer.start()
+        for chunk in client.completions.create(stream=True, **kw):
+            pieces.append(chunk.choices[0].text if chunk.choices else "")
+            if len(pieces) == 50:
+                streaming.set()
+        killer.join(60)
+        assert "".join(pieces) == uninterrupted
+        wait_until(lambda: any(e["event"] == "request.migrating" for e in frontend.events()), 10,
+                   "the frontend to say it moved the stream")
+        moved = next(e for e in frontend.events() if e["event"] == "request.migrating")
+        assert moved["streamed"] >= 49 and moved["reason"] in ("disconnected", "engine_dead", "stream_broken")
+    finally:
+        frontend_gen.close()
+        for g in gens:
+            g.close()
