@@ -237,6 +237,8 @@ class Handlers:
             "wake_up": self.wake_up,
             "model_card": self.model_card,
         }
+        # --use-vllm-tokenizer: OpenAI-style text requests on the request plane (actors.text_mode)
+        self.text_mode: Any = None
         # the model card and its tokenizer files (set by roles, which knows the model's directory)
         self.card_source: Callable[[EngineInfo], tuple[ModelCard, dict[str, Path]]] | None = None
         if enable_lora:
@@ -271,6 +273,9 @@ class Handlers:
         return await self.engine.wait_ready()
 
     async def generate(self, payload: Any, emit: Emit, request_id: str) -> None:
+        if self.text_mode is not None and self.text_mode.wants(payload):
+            await self.text_mode.generate(payload, emit, request_id)
+            return
         request = await self.prepare(payload, request_id)
         async with self.engine.generate(request) as stream:
             async for out in stream:

@@ -28,7 +28,7 @@ class WorkerModels:
     def __init__(self, handlers: Handlers) -> None:
         self.handlers = handlers
 
-    async def serving(self, model: str | None) -> ServedModel:
+    async def serving(self, model: str | None, endpoint: str = "completions") -> ServedModel:
         info = await self.handlers.info()
         if model is None or model == info.model:
             return ServedModel(info.model, info.max_model_len)

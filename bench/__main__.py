@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import common, lifecycle, overhead, routing, speed
+from . import common, lifecycle, migration, overhead, routing, speed
 from .common import OUT, RESULTS_MD, machine
 
 SUITES: dict[str, Callable[[bool], dict[str, Any]]] = {
@@ -17,12 +17,14 @@ SUITES: dict[str, Callable[[bool], dict[str, Any]]] = {
     "speed": speed.run,
     "lifecycle": lifecycle.run,
     "routing": routing.run,
+    "migration": migration.run,
 }
 TITLES = {
     "overhead": "1. Overhead: our worker against raw AsyncLLM and vllm serve (real vLLM, demo model)",
     "speed": "2. Speed of light: synthetic engine, zero step time, worker on one core",
     "lifecycle": "3. Recovery and lifecycle",
     "routing": "4. Routing quality at scale (simulated workers, the frontend's router)",
+    "migration": "5. Migration under chaos (frontend, synthetic workers, one killed every 5 s)",
 }
 
 
@@ -58,6 +60,7 @@ MARKDOWN: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "speed": speed.markdown,
     "lifecycle": _lifecycle_md,
     "routing": routing.markdown,
+    "migration": migration.markdown,
 }
 
 
@@ -113,6 +116,11 @@ def _aims(results: dict[str, dict[str, Any]]) -> list[str]:
                          f"{t['ttft_p50_cut']:.0%} (p99 {t['ttft_p99_cut']:.0%})", verdict(t["ttft_p50_cut"] >= 0.3)))
             rows.append((f"router cost, {n} workers: < 0.5 ms p99", f"{t['router_p99_us']} us",
                          verdict(t["router_p99_us"] < 500)))
+    mg = results.get("migration")
+    if mg:
+        rows.append(("migration under chaos: every stream intact", f"{mg['intact_share']:.1%} of {mg['requests']} "
+                     f"({mg['outcomes']['wrong']} wrong, {mg['outcomes']['error']} errors, {mg['kills']} kills)",
+                     verdict(mg["outcomes"]["wrong"] == 0 and mg["outcomes"]["error"] == 0)))
     if not rows:
         return []
     return ["## Aims", "", "| aim | reached | |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows], ""]

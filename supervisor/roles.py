@@ -171,6 +171,15 @@ def tokenizer_factory(config: Config) -> Callable[[], Tokenizer]:
     return load
 
 
+def engine_version(config: Config) -> str:
+    """What /version reports: vLLM's version on a vLLM worker (as vllm serve does)."""
+    if config.engine == "vllm":
+        from actors.engine.vllm_backend import vllm_version
+
+        return vllm_version()
+    return ""
+
+
 def advertise_host(config: Config, bound_host: str) -> str:
     """The address other hosts reach this worker at: ``--advertise-host``, else the bind
     address, or a detected routable address when bound to every interface."""
@@ -286,13 +295,17 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
         plane = request_plane(config)
         request_host = getattr(config, "request_plane_host", None) or config.system_host
         handlers.card_source = card_source(config)
+        if config.use_vllm_tokenizer:
+            from actors.text_mode import TextMode
+
+            handlers.text_mode = TextMode(handlers, tokenizer_factory(config))
         advertised = advertise_host(config, request_host)
 
         def runtime_extra() -> dict[str, Any]:
             info = engine.info
             # the data-parallel ranks this process serves (a router addresses them by dp_rank)
             extra: dict[str, Any] = {"role": config.role, "data_parallel_start_rank": ranks[0],
-                                     "data_parallel_size": len(ranks)}
+                                     "data_parallel_size": len(ranks), "endpoint_types": list(config.endpoint_types)}
             if config.sources.get("migration_limit") != "default":  # the worker's own limit wins for its model
                 extra["migration_limit"] = config.migration_limit
             if isinstance(events, ZmqEventPublisher):
@@ -333,7 +346,8 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
         if http_port is not None:
             http_host = getattr(config, "http_host", None) or config.system_host
             front = OpenAIServer(BoundSocket(http_host, http_port), WorkerModels(handlers), pipeline,
-                                 tokenizer_factory(config), ready=engine.wait_ready)
+                                 tokenizer_factory(config), ready=engine.wait_ready,
+                                 endpoint_types=config.endpoint_types, version=engine_version(config))
             children.append(front.spec())
     # Non-engine children may restart often under chaos; a genuinely broken
     # one (crash loop) still escalates: 20 restarts within 1 s.

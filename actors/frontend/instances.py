@@ -68,6 +68,11 @@ class Instance:
         return int(self.runtime.get("data_parallel_size") or 1)
 
     @property
+    def endpoint_types(self) -> tuple[str, ...]:
+        types = self.runtime.get("endpoint_types")
+        return tuple(types) if isinstance(types, list) else ("chat", "completions")
+
+    @property
     def event_plane(self) -> str | None:
         address = self.runtime.get("event_plane")
         return str(address) if address else None

@@ -72,8 +72,9 @@ class FrontendModels:
         self.metrics = metrics
         self.options = options
 
-    async def serving(self, model: str | None) -> ServedModel:
-        names = sorted({i.model for i in self.instances.serving_any()})
+    async def serving(self, model: str | None, endpoint: str = "completions") -> ServedModel:
+        kind = "chat" if endpoint == "chat_completions" else "completions"
+        names = sorted({i.model for i in self.instances.serving_any() if kind in i.endpoint_types})
         name = model
         adapter: str | None = None
         if model is None:

@@ -79,8 +79,9 @@ class OutputStream(Protocol):
 class ModelBackend(Protocol):
     """Where the server's requests go: the worker's engine, or the frontend's workers."""
 
-    async def serving(self, model: str | None) -> ServedModel:
-        """Resolve a request's ``model``; raise NOT_FOUND for one that is not served."""
+    async def serving(self, model: str | None, endpoint: str = "completions") -> ServedModel:
+        """Resolve a request's ``model`` for ``endpoint`` (``chat_completions`` or ``completions``);
+        raise NOT_FOUND for a model (or an endpoint of it) that is not served."""
         ...
 
     async def models(self) -> list[dict[str, Any]]: ...
@@ -160,7 +161,8 @@ class OpenAIServer:
 
     def __init__(self, bound: BoundSocket, backend: ModelBackend, pipeline: RequestPipeline,
                  tokenizer_factory: Callable[[], Tokenizer], *, ready: Callable[[], Awaitable[Any]] | None = None,
-                 name: str = "http", max_body: int = MAX_BODY) -> None:
+                 name: str = "http", max_body: int = MAX_BODY,
+                 endpoint_types: tuple[str, ...] = ("chat", "completions"), version: str = "") -> None:
         self.bound = bound
         self.backend = backend
         self.pipeline = pipeline
@@ -168,6 +170,8 @@ class OpenAIServer:
         self.ready = ready
         self.name = name
         self.max_body = max_body
+        self.endpoint_types = endpoint_types
+        self.version = version
         self.tokenizer: Tokenizer | None = None
         self._runners: dict[int, TokenizerRunner] = {}
         self._limiter = trio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))  # one core stays for the loop
@@ -193,17 +197,82 @@ class OpenAIServer:
         return runner
 
     def routes(self) -> list[BaseRoute]:
-        return [
+        routes: list[BaseRoute] = [
             Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/v1/completions", _Asgi(self.completions, chat=False), methods=["POST"]),
-            Route("/v1/chat/completions", _Asgi(self.completions, chat=True), methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/version", self.show_version, methods=["GET"]),
         ]
+        for kind, path, chat in (("completions", "/v1/completions", False), ("chat", "/v1/chat/completions", True)):
+            if kind in self.endpoint_types:
+                routes.append(Route(path, _Asgi(self.completions, chat=chat), methods=["POST"]))
+            else:
+                routes.append(Route(path, _not_served(path, self.endpoint_types), methods=["POST"]))
+        return routes
 
     def app(self) -> Starlette:
         return Starlette(routes=self.routes())
 
     async def list_models(self, _: Request) -> Response:
         return JSONResponse({"object": "list", "data": await self.backend.models()})
+
+    async def show_version(self, _: Request) -> Response:
+        from importlib.metadata import version as dist_version
+
+        return JSONResponse({"version": self.version or dist_version("llm-supervisor"),
+                             "llm_supervisor": dist_version("llm-supervisor")})
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body:
+                raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"the request body is over the {self.max_body}-byte "
+                                   "limit")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"request body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError(ErrorCode.INVALID_REQUEST, "the request body must be a JSON object")
+        return body
+
+    async def tokenize(self, request: Request) -> Response:
+        """vllm serve's /tokenize: a prompt, or chat messages through the chat template."""
+        try:
+            body = await self._json_body(request)
+            chat = "messages" in body
+            served = await self.backend.serving(body.get("model"), "chat_completions" if chat else "completions")
+            tokenizer = served.tokenizer or self.tokenizer
+            assert tokenizer is not None
+            runner = self.runner(tokenizer)
+            if chat:
+                call = parse_call({**body, "max_tokens": 1}, chat=True)
+                tokens = (await tokenize(call, runner))[0].token_ids
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise RequestError(ErrorCode.INVALID_REQUEST, "prompt must be a string", param="prompt")
+                tokens = await runner.encode(prompt)
+        except RequestError as exc:
+            return error_response(exc)
+        return JSONResponse({"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens,
+                             "token_strs": None})
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            body = await self._json_body(request)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in tokens):
+                raise RequestError(ErrorCode.INVALID_REQUEST, "tokens must be a list of integers", param="tokens")
+            served = await self.backend.serving(body.get("model"), "completions")
+            tokenizer = served.tokenizer or self.tokenizer
+            assert tokenizer is not None
+            text = await self.runner(tokenizer).decode(tokens)
+        except RequestError as exc:
+            return error_response(exc)
+        return JSONResponse({"prompt": text})
 
     # -- completions -------------------------------------------------------------------
     async def completions(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
@@ -244,7 +313,7 @@ class OpenAIServer:
         except ValueError as exc:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"request body is not JSON: {exc}") from None
         call = parse_call(body, chat=chat, request_id=base_id)
-        served = await self.backend.serving(call.model)
+        served = await self.backend.serving(call.model, call.endpoint)
         tokenizer = served.tokenizer or self.tokenizer
         assert tokenizer is not None
         call.prompts = await tokenize(call, self.runner(tokenizer))
@@ -333,6 +402,14 @@ class _Asgi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.fn(scope, receive, send, self.chat)
+
+
+def _not_served(path: str, served: tuple[str, ...]) -> Callable[[Request], Awaitable[Response]]:
+    async def refuse(_: Request) -> Response:
+        return error_response(RequestError(ErrorCode.NOT_FOUND, f"{path} is not served here (--endpoint-types "
+                                           f"{','.join(served) or 'none'})"))
+
+    return refuse
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

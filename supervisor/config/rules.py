@@ -159,11 +159,15 @@ def _check_jinja_template(s: _Settings, environ: Mapping[str, str]) -> str | Non
 
 
 def _check_endpoint_types(s: _Settings) -> tuple[str, ...]:
+    """chat and/or completions; ``none`` alone for a worker that serves no OpenAI route
+    (and registers none: it only takes token-mode requests)."""
     types = tuple(t.lower() for t in s["endpoint_types"])
+    if types == ("none",):
+        return ()
     bad = [t for t in types if t not in ("chat", "completions")]
     if bad or not types:
-        raise ConfigError(f"{s.name('endpoint_types')}: expected a comma-separated list of chat, completions; "
-                          f"got {','.join(s['endpoint_types']) or 'nothing'}")
+        raise ConfigError(f"{s.name('endpoint_types')}: expected a comma-separated list of chat, completions "
+                          f"(or none alone); got {','.join(s['endpoint_types']) or 'nothing'}")
     return tuple(dict.fromkeys(types))
 
 
