@@ -45,7 +45,9 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "min_p": ("min_p", (int, float)),
     "seed": ("seed", int),
 }
-_GUIDED_KEYS = ("json", "regex", "choice", "grammar")
+_GUIDED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+# how the constraint is applied (vLLM's StructuredOutputsParams options), alongside one of the above
+_GUIDED_OPTIONS = {"disable_any_whitespace": bool, "disable_additional_properties": bool, "whitespace_pattern": str}
 
 
 def _check(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
@@ -104,12 +106,27 @@ def build_sampling(payload: Mapping[str, Any], info: EngineInfo, *, prompt_len: 
     if guided is not None:
         if not isinstance(guided, Mapping):
             raise invalid("sampling_options.guided_decoding must be an object")
-        chosen = {k: guided[k] for k in _GUIDED_KEYS if guided.get(k) is not None}
+        chosen = {k: guided[k] for k in _GUIDED_KEYS if guided.get(k) not in (None, False)}
         if len(chosen) > 1:
-            raise invalid(
-                f"sampling_options.guided_decoding: give one of json, regex, choice, grammar, not {sorted(chosen)}"
-            )
+            raise invalid(f"sampling_options.guided_decoding: give one of json, regex, choice, grammar, "
+                          f"json_object, not {sorted(chosen)}")
+        if "choice" in chosen and (not isinstance(chosen["choice"], list) or not chosen["choice"]
+                                   or not all(isinstance(c, str) for c in chosen["choice"])):
+            raise invalid("sampling_options.guided_decoding.choice must be a non-empty list of strings")
+        for key in ("regex", "grammar"):
+            if key in chosen and not isinstance(chosen[key], str):
+                raise invalid(f"sampling_options.guided_decoding.{key} must be a string")
+        if "json" in chosen and not isinstance(chosen["json"], dict | str):
+            raise invalid("sampling_options.guided_decoding.json must be a JSON schema (an object, or its text)")
         if chosen:
+            for key, kind in _GUIDED_OPTIONS.items():
+                value = guided.get(key)
+                if value is None:
+                    continue
+                if not isinstance(value, kind):
+                    raise invalid(f"sampling_options.guided_decoding.{key} must be a {kind.__name__}, "
+                                  f"got {value!r}")
+                chosen[key] = value
             kwargs["structured_outputs"] = chosen
 
     stop = _section(payload, "stop_conditions")

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 import trio
@@ -17,7 +18,7 @@ import trio
 from .aio import open_asyncio_loop
 from .config import Config, parse_args
 from .errors import ConfigError, Escalation, StartFailed
-from .logs import route_vllm_logs, setup_logging
+from .logs import OutputCapture, route_vllm_logs, setup_logging
 from .prometheus_env import prepare_multiproc_dir
 from .reaper import become_subreaper, reap_descendants, start_reaper
 from .roles import Tree, build_tree
@@ -94,8 +95,6 @@ def _task_tree() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import run_config_actions
-
     args = list(sys.argv[1:] if argv is None else argv)
     # before parsing: parsing imports vLLM, which imports prometheus_client
     metrics_dir = prepare_multiproc_dir()
@@ -106,7 +105,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help printed both groups of flags
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    setup_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
+    fmt = setup_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
+    capture: OutputCapture | None = None
+    if fmt == "json" and not config.check_config:
+        # every byte on stdout/stderr leaves as an event, whoever wrote it (vLLM's processes inherit)
+        capture = OutputCapture(fmt)
+        capture.start()
+        setup_logging(config.log_level, fmt, stream=capture.streams["stderr"])  # type: ignore[arg-type]
+    usage = capture.streams["stderr"] if capture is not None else sys.stderr
+    try:
+        return _main(config, metrics_dir, usage)
+    finally:
+        if capture is not None:
+            capture.stop()
+
+
+def _main(config: Config, metrics_dir: Any, usage: Any) -> int:
+    """``usage``: where a refusal's one line goes (the real stderr: it is for the person who ran us)."""
+    from .config import run_config_actions
+
     _log.debug("metrics.multiproc_dir", path=str(metrics_dir.path), created=metrics_dir.created,
                temporary=metrics_dir.temporary, too_late=metrics_dir.late)
     for warning in config.warnings:
@@ -116,13 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log.info("config.valid", role=config.role, engine=config.engine, dump=config.dump_config_to)
             return EXIT_OK
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=usage)
         return EXIT_USAGE
     _apply_process_defaults(config)
     try:
         tree = build_tree(config)
     except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=usage)
         return EXIT_USAGE
     become_subreaper()  # orphans inside our tree come back to us, so we can wait for them
     reaper = start_reaper() if config.engine == "vllm" else None  # vLLM's processes go even if we are SIGKILLed

@@ -153,6 +153,22 @@ def parse_log_level(raw: str) -> str:
     raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {raw!r}")
 
 
+def parse_log_filters(raw: str) -> dict[str, str]:
+    """The ``module=level`` parts of a ``--log-level``/``DYN_LOG`` value: ``info,vllm=warning,
+    supervisor.tree=debug`` -> ``{"vllm": "warning", "supervisor.tree": "debug"}``."""
+    aliases = {"warn": "warning", "trace": "debug", "fatal": "critical"}
+    filters: dict[str, str] = {}
+    for part in raw.split(","):
+        name, eq, level = part.strip().partition("=")
+        if not eq:
+            continue
+        level = aliases.get(level.strip().lower(), level.strip().lower())
+        if not name.strip() or level not in LOG_LEVELS:
+            raise ValueError(f"{part.strip()!r}: expected module=level with a level among {', '.join(LOG_LEVELS)}")
+        filters[name.strip()] = level
+    return filters
+
+
 def parse_json_object(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)

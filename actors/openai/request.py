@@ -245,10 +245,47 @@ def prompt_payload(call: OpenAICall, prompt: Prompt, *, max_model_len: int) -> d
         output["skip_special_tokens"] = body["skip_special_tokens"]
     payload: dict[str, Any] = {"token_ids": prompt.token_ids, "sampling_options": sampling,
                                "stop_conditions": stop, "output_options": output}
+    guided = guided_decoding(body)
+    if guided:
+        sampling["guided_decoding"] = guided
     priority = body.get("priority")
     if priority:
         payload["routing"] = {"priority": priority}
     return payload
+
+
+_LEGACY_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+def guided_decoding(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the output must match, as the token-mode guided_decoding section: from
+    ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs``, or the
+    older ``guided_*`` fields (which vllm serve 0.32 ignores; Dynamo honours them, so do we)."""
+    guided: dict[str, Any] = {}
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise invalid("response_format.type must be text, json_object or json_schema", param="response_format")
+        if fmt["type"] == "json_object":
+            guided["json_object"] = True
+        elif fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping):
+                raise invalid("When response_format type is 'json_schema', the 'json_schema' field must be "
+                              "provided.", param="response_format")
+            guided["json"] = spec.get("schema") or {}
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, Mapping):
+            raise invalid("structured_outputs must be an object", param="structured_outputs")
+        guided.update({k: v for k, v in structured.items() if v is not None})
+    for legacy, key in _LEGACY_GUIDED.items():
+        if body.get(legacy) is not None:
+            guided[key] = body[legacy]
+    if body.get("guided_whitespace_pattern") is not None:
+        guided["whitespace_pattern"] = body["guided_whitespace_pattern"]
+    return guided or None
 
 
 def stop_words(body: Mapping[str, Any]) -> Sequence[str]:

@@ -29,7 +29,8 @@ G_SYNTHETIC = "Synthetic engine (benchmarks and chaos tests)"
 G_FRONTEND = "Frontend (--role frontend): routing, disaggregation, migration"
 G_VLLM = "vLLM engine options (AsyncEngineArgs, passed through to vLLM)"
 
-Kind = Literal["str", "bool", "flag", "int", "float", "port", "host", "choice", "list", "json", "payload", "path"]
+Kind = Literal["str", "bool", "flag", "int", "float", "port", "host", "choice", "list", "json", "payload", "path",
+               "loglevel"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class Option:
             return envs.parse_json_object(text)
         if self.kind == "payload":
             return envs.parse_json_or_file(text)
+        if self.kind == "loglevel":
+            root = envs.parse_log_level(text)
+            filters = envs.parse_log_filters(text)
+            return ",".join([root, *(f"{name}={level}" for name, level in filters.items())])
         raise AssertionError(self.kind)
 
 
@@ -141,7 +146,8 @@ OPTIONS: tuple[Option, ...] = (
            "serving them aggregated.", group=G_FRONTEND),
     Option("--custom-jinja-template", "path", "Chat template file overriding the model's ($VARS and ~ expanded).",
            env="DYN_CUSTOM_JINJA_TEMPLATE"),
-    Option("--endpoint-types", "list", "Comma-separated OpenAI endpoint types: chat, completions.",
+    Option("--endpoint-types", "list", "Comma-separated OpenAI endpoint types: chat, completions (none alone: "
+           "no OpenAI route, token mode only).",
            env="DYN_ENDPOINT_TYPES"),
     Option("--dyn-tool-call-parser", "str", "Tool call parser name.", env="DYN_TOOL_CALL_PARSER",
            dest_name="tool_call_parser"),
@@ -210,7 +216,9 @@ OPTIONS: tuple[Option, ...] = (
     # -- process
     Option("--engine", "choice", "Engine backend (default: vllm when installed, else synthetic).",
            env="DYN_ENGINE", choices=envs.ENGINES, group=G_PROCESS),
-    Option("--log-level", "choice", "Log level.", env="DYN_LOG", choices=envs.LOG_LEVELS, group=G_PROCESS),
+    Option("--log-level", "loglevel", "Log level (debug, info, warning, error, critical), optionally with "
+           "per-module levels: info,vllm=warning,supervisor.tree=debug. vLLM's loggers follow it too.",
+           env="DYN_LOG", group=G_PROCESS, metavar="LEVEL[,MODULE=LEVEL...]"),
     Option("--log-format", "choice", "Log format (auto: console on a terminal, else JSON lines).",
            env="DYN_LOG_FORMAT", choices=envs.LOG_FORMATS, group=G_PROCESS),
     Option("--enable-chaos", "bool", "Expose the chaos routes (kill actors) on the system port.",

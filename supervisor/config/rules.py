@@ -166,8 +166,8 @@ def _check_endpoint_types(s: _Settings) -> tuple[str, ...]:
         return ()
     bad = [t for t in types if t not in ("chat", "completions")]
     if bad or not types:
-        raise ConfigError(f"{s.name('endpoint_types')}: expected a comma-separated list of chat, completions "
-                          f"(or none alone); got {','.join(s['endpoint_types']) or 'nothing'}")
+        raise ConfigError(f"{s.name('endpoint_types')}: expected a comma-separated list of chat, completions; "
+                          f"got {','.join(s['endpoint_types']) or 'nothing'}")
     return tuple(dict.fromkeys(types))
 
 
@@ -246,6 +246,13 @@ def check_startable(config: Config, environ: Mapping[str, str] | None = None) ->
             available = [v for v in _ALL_VALUES[field_name] if v not in missing]
             raise ConfigError(f"{_named(config, field_name)} {value}{_origin(config, field_name)}: not available "
                               f"yet (available: {', '.join(available)})")
+    if config.durable_kv_events:
+        raise ConfigError(f"--durable-kv-events{_origin(config, 'durable_kv_events')}: needs the NATS event plane "
+                          "(JetStream), and --event-plane nats is not available yet")
+    for field_name in ("tool_call_parser", "reasoning_parser"):
+        if getattr(config, field_name):
+            raise ConfigError(f"{_named(config, field_name)}{_origin(config, field_name)}: not available yet "
+                              "(tool calls and reasoning are returned as content)")
     if config.engine == "vllm" and config.model is not None:
         _check_model(config, env)
 

@@ -152,9 +152,14 @@ class _Settings:
                 self.values[opt.dest], self.sources[opt.dest] = cli[opt.dest], "cli"
             elif opt.env and envs.is_set(opt.env, environ):
                 try:
-                    self.values[opt.dest], self.sources[opt.dest] = envs.get(opt.env, environ), "env"
+                    value = envs.get(opt.env, environ)  # validates, names the variable on error
+                    if opt.kind == "loglevel":  # keep the per-module levels the variable may carry
+                        value = opt.parse_text(environ[opt.env])
+                    self.values[opt.dest], self.sources[opt.dest] = value, "env"
                 except ConfigError as exc:
                     raise ConfigError(f"{opt.flag}: {exc}") from None
+                except ValueError as exc:
+                    raise ConfigError(f"{opt.flag} (from {opt.env}): {exc}") from None
             elif opt.dest in file_values:
                 self.values[opt.dest], self.sources[opt.dest] = file_values[opt.dest], "file"
             else:
