@@ -94,34 +94,52 @@ def _task_tree() -> list[str]:
     return lines
 
 
+def _early_format(args: Sequence[str]) -> str:
+    """The log format, before the full parse (which imports vLLM, and vLLM prints while it
+    loads): ``--log-format`` on the command line, else DYN_LOG_FORMAT, else by the terminal."""
+    fmt = os.environ.get("DYN_LOG_FORMAT", "auto")
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            fmt = args[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.partition("=")[2]
+    if fmt not in ("json", "console"):
+        fmt = "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    # before parsing: parsing imports vLLM, which imports prometheus_client
-    metrics_dir = prepare_multiproc_dir()
-    try:
-        config: Config = parse_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help printed both groups of flags
-        return exc.code if isinstance(exc.code, int) else EXIT_OK
-    fmt = setup_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
     capture: OutputCapture | None = None
-    if fmt == "json" and not config.check_config:
+    if _early_format(args) == "json" and not {"-h", "--help", "--check-config"} & set(args):
         # every byte on stdout/stderr leaves as an event, whoever wrote it (vLLM's processes inherit)
-        capture = OutputCapture(fmt)
+        capture = OutputCapture("json")
         capture.start()
-        setup_logging(config.log_level, fmt, stream=capture.streams["stderr"])  # type: ignore[arg-type]
     usage = capture.streams["stderr"] if capture is not None else sys.stderr
     try:
-        return _main(config, metrics_dir, usage)
+        return _parse_and_run(args, usage, capture)
     finally:
         if capture is not None:
             capture.stop()
 
 
-def _main(config: Config, metrics_dir: Any, usage: Any) -> int:
+def _parse_and_run(args: list[str], usage: Any, capture: OutputCapture | None) -> int:
     """``usage``: where a refusal's one line goes (the real stderr: it is for the person who ran us)."""
+    # before parsing: parsing imports vLLM, which imports prometheus_client
+    metrics_dir = prepare_multiproc_dir()
+    try:
+        config: Config = parse_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=usage)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help printed both groups of flags
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    setup_logging(config.log_level, config.log_format,  # type: ignore[arg-type]
+                  stream=capture.streams["stderr"] if capture is not None else None)
+    return _main(config, metrics_dir, usage)
+
+
+def _main(config: Config, metrics_dir: Any, usage: Any) -> int:
     from .config import run_config_actions
 
     _log.debug("metrics.multiproc_dir", path=str(metrics_dir.path), created=metrics_dir.created,

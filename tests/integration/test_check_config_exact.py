@@ -75,10 +75,11 @@ SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
     ("role-processor", ["--role", "processor", "--enable-multimodal"], {}, f"error: --role processor: {ROLES}"),
     ("multimodal-processor", ["--multimodal-processor", "--enable-multimodal"], {},
      f"error: --role processor: {ROLES}"),
-    ("request-plane-http", ["--request-plane", "http"], {},
-     "error: --request-plane http: not available yet (available: tcp, nats)"),
-    ("request-plane-http-env", [], {"DYN_REQUEST_PLANE": "http"},
-     "error: --request-plane http (from DYN_REQUEST_PLANE): not available yet (available: tcp, nats)"),
+    ("durable-kv-events", ["--durable-kv-events"], {},
+     "error: --durable-kv-events: needs the NATS event plane (JetStream), and --event-plane nats is not "
+     "available yet"),
+    ("tool-call-parser", ["--dyn-tool-call-parser", "hermes"], {},
+     "error: --dyn-tool-call-parser: not available yet (tool calls and reasoning are returned as content)"),
     ("event-plane-nats", ["--event-plane", "nats"], {},
      "error: --event-plane nats: not available yet (available: zmq)"),
 ]
