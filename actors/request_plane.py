@@ -59,13 +59,20 @@ async def serve_request(pipeline: RequestPipeline, handlers: Handlers, request: 
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_heartbeats, send_frame, request.id, sent, heartbeat)
-        outcome = await pipeline.run(request.endpoint, request.id, work, control=control,
+        outcome = await pipeline.run(request.endpoint, _trace_id(request), work, control=control,
                                      generates=handlers.generates(request.endpoint))
         nursery.cancel_scope.cancel()
     if outcome.error is not None:
         await send_frame(error_frame(request.id, outcome.error))
     elif outcome.status is Status.OK:
         await send_frame(End(request.id, sent.count, sent.finish_reason))
+
+
+def _trace_id(request: Request) -> str:
+    """The request's id end to end, for its log lines: the one a frontend passes on (its
+    client's) in the payload's ``request_id``, else the frame's own."""
+    trace = request.payload.get("request_id") if isinstance(request.payload, dict) else None
+    return trace if isinstance(trace, str) and trace else request.id
 
 
 async def _heartbeats(send_frame: SendFrame, request_id: str, sent: _Sent, interval: float) -> None:

@@ -111,6 +111,9 @@ class FrontendModels:
 
     @asynccontextmanager
     async def generate(self, payload: dict[str, Any], engine_id: str) -> AsyncIterator[OutputStream]:
+        trace = structlog.contextvars.get_contextvars().get("request_id")
+        if isinstance(trace, str):  # the client's request id, for the workers' log lines too
+            payload = {**payload, "request_id": trace}
         stream = RoutedStream(self, payload, engine_id)
         try:
             yield stream

@@ -141,8 +141,8 @@ class _Exchange:
         self.started = True
         await self.send({"type": "http.response.start", "status": status,
                          "headers": [(b"content-type", b"application/json"), *self.headers, *(extra or [])]})
+        self.done = True  # from here a hang-up is the client leaving after the answer, not an abort
         await self.send({"type": "http.response.body", "body": _json(body), "more_body": False})
-        self.done = True
 
     async def start_stream(self) -> None:
         self.started = True
@@ -151,9 +151,9 @@ class _Exchange:
                                      *self.headers]})
 
     async def events(self, data: bytes, *, last: bool = False) -> None:
-        await self.send({"type": "http.response.body", "body": data, "more_body": not last})
         if last:
             self.done = True
+        await self.send({"type": "http.response.body", "body": data, "more_body": not last})
 
 
 class OpenAIServer:
@@ -279,7 +279,9 @@ class OpenAIServer:
         exchange = _Exchange(scope, receive, send)
         header_id = _header(scope, b"x-request-id")
         base_id = header_id or uuid.uuid4().hex
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
+        # the id in every log line of this request, here and in the workers it goes to: the client's
+        # own x-request-id when it sent one, else the response's id
+        request_id = header_id or f"{'chatcmpl' if chat else 'cmpl'}-{base_id}"
         if header_id is not None:
             exchange.headers.append((b"x-request-id", header_id.encode()))
         control = RequestControl()

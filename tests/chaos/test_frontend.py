@@ -236,3 +236,19 @@ def test_requests_sharing_a_prefix_go_where_it_is_cached(tmp_path: Path) -> None
     assert kv > 0.7, f"kv routing found {kv:.0%} of prompt tokens cached"
     assert kv > control + 0.2, f"kv {kv:.0%} is no better than round-robin {control:.0%}"
     assert sum(e["overlap_blocks"] for e in routed) > 0
+
+
+def test_one_request_id_from_the_client_through_the_worker(deployment: Deployment) -> None:
+    worker = deployment.add_worker()
+    frontend = deployment.start_frontend()
+    client = deployment.client()
+    reply = client.completions.with_raw_response.create(model="synthetic", prompt="traced", max_tokens=3,
+                                                        extra_headers={"x-request-id": "trace-42"})
+    assert reply.headers["x-request-id"] == "trace-42"
+    assert reply.parse().id == "cmpl-trace-42"
+    wait_until(lambda: any(e["event"] == "request.finished" and e.get("request_id") == "trace-42"
+                           for e in worker.events()), 10, "the worker's events under the client's id")
+    for process, expected in ((frontend, {"request.started", "request.routed", "request.finished"}),
+                              (worker, {"request.started", "request.finished"})):
+        seen = {e["event"] for e in process.events() if e.get("request_id") == "trace-42"}
+        assert expected <= seen, (process.args, seen)

@@ -51,7 +51,8 @@ async def stream(address: str, n: int, request_id: str) -> None:
 
 
 def test_a_worker_lifetime_is_json_line_by_line(tiny_model: Path, tmp_path: Path) -> None:
-    gen = start_vllm_worker(tiny_model, tmp_path, "--enable-chaos", "--http-port", "0")
+    gen = start_vllm_worker(tiny_model, tmp_path, "--enable-chaos", "--http-port", "0",
+                            "--log-level", "info,vllm=warning,hypercorn.error=warning")
     worker = next(gen)
     try:
         worker.wait_ready(180)
@@ -84,6 +85,9 @@ def test_a_worker_lifetime_is_json_line_by_line(tiny_model: Path, tmp_path: Path
     # one request id through the request's events in the worker, the engine's own included
     logged = {e["event"] for e in events if e.get("request_id") == "logged-cancel"}
     assert {"request.started", "request.aborted", "engine.aborted"} <= logged
+    # per-module levels, vLLM's loggers (in all of its processes) included
+    assert not [e for e in events if str(e.get("logger", "")).startswith("vllm") and e["level"] == "info"]
+    assert not [e for e in events if e.get("logger") == "hypercorn.error" and e["level"] == "info"]
     # the engine's processes wrote with their own pid and place in the tree
     core = [e for e in events if str(e.get("actor", "")).startswith("root/engine/core")]
     assert core and all(e.get("pid") not in (None, worker.proc.pid) for e in core)
