@@ -121,7 +121,28 @@ class StreamCheck:
                          "items, before the end", True, self.request_id)
 
 
-class Call:
+class _Checked:
+    """What every call does with a frame of its request (whatever the transport)."""
+
+    _check: StreamCheck
+    done: bool
+
+    def _take(self, frame: Frame) -> Any:
+        """The item a frame carries, or None for a heartbeat; StopAsyncIteration at the end;
+        CallError for an error or a broken stream (after a gap the worker still runs the
+        request, so the call stays open to cancel it)."""
+        try:
+            item = self._check.take(frame)
+        except CallError:
+            self.done = not isinstance(frame, Data)
+            raise
+        if item is _END:
+            self.done = True
+            raise StopAsyncIteration
+        return item
+
+
+class Call(_Checked):
     """One request on its own connection. Leaving the block early cancels it.
 
     Iterating yields the items; the stream is checked (:class:`StreamCheck`), and
@@ -205,17 +226,9 @@ class Call:
                     if ours:
                         self._pending.append(frame)
             frame = self._pending.pop(0)
-            try:
-                item = self._check.take(frame)
-            except CallError:
-                self.done = not isinstance(frame, Data)  # a gap: the worker still runs it, cancel it
-                raise
-            if item is None:
-                continue
-            if item is _END:
-                self.done = True
-                raise StopAsyncIteration
-            return item
+            item = self._take(frame)
+            if item is not None:
+                return item
 
     async def collect(self) -> list[Any]:
         return [item async for item in self]
@@ -224,7 +237,7 @@ class Call:
 NO_RESPONDERS = "503"
 
 
-class NatsCall:
+class NatsCall(_Checked):
     """One request on the NATS request plane: the Request frame goes to the
     worker's subject with a fresh reply inbox; Data/Error/End frames come back
     on the inbox. Leaving the block early publishes a Cancel frame to the
@@ -328,23 +341,15 @@ class NatsCall:
                 raise CallError(ErrorCode.INVALID_FRAME.value, str(exc), False, self.request_id) from None
             if not (frame.id == self.request_id or (isinstance(frame, Error) and frame.id == "")):
                 continue
-            try:
-                item = self._check.take(frame)
-            except CallError:
-                self.done = not isinstance(frame, Data)  # a gap: the worker still runs it, cancel it
-                raise
-            if item is None:
-                continue
-            if item is _END:
-                self.done = True
-                raise StopAsyncIteration
-            return item
+            item = self._take(frame)
+            if item is not None:
+                return item
 
     async def collect(self) -> list[Any]:
         return [item async for item in self]
 
 
-class HttpCall:
+class HttpCall(_Checked):
     """One request on the HTTP request plane: ``POST {address}/rpc`` with the request
     frame; the answer's body streams the TCP plane's frames. Leaving early posts a
     ``cancel`` frame to ``{address}/cancel``. Checked like :class:`Call`."""
@@ -421,17 +426,9 @@ class HttpCall:
                     self.done = True
                     raise self._check.broken(str(exc)) from None
             frame = self._pending.pop(0)
-            try:
-                item = self._check.take(frame)
-            except CallError:
-                self.done = not isinstance(frame, Data)
-                raise
-            if item is None:
-                continue
-            if item is _END:
-                self.done = True
-                raise StopAsyncIteration
-            return item
+            item = self._take(frame)
+            if item is not None:
+                return item
 
     async def collect(self) -> list[Any]:
         return [item async for item in self]
