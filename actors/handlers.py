@@ -21,9 +21,11 @@ import structlog
 import trio
 
 from .engine.actor import EngineRef
-from .engine.base import EngineInfo, EngineRequest, LoraAdapter, StepOutput
+from .engine.base import EngineInfo, EngineRequest, LoraAdapter, MultiModalInput, StepOutput
 from .errors import EngineDead, ErrorCode, RequestError, RequestFailed, invalid
 from .model_card import ModelCard, card_items
+from .multimodal.inputs import MediaAccept
+from .multimodal.prompt import MultimodalPrompts
 from .pipeline import AbortReason, RequestPipeline
 
 __all__ = ["Emit", "Handler", "Handlers", "build_sampling", "step_item", "token_ids_of"]
@@ -256,6 +258,11 @@ class Handlers:
         }
         # --use-vllm-tokenizer: OpenAI-style text requests on the request plane (actors.text_mode)
         self.text_mode: Any = None
+        # multimodal roles (set by roles): what images this worker takes (actors.multimodal.inputs);
+        # a processor builds prompts from chat messages (.prompt) and its engine forwards requests
+        self.media: MediaAccept | None = None
+        self.prompts: MultimodalPrompts | None = None
+        self.forwards = False
         # the model card and its tokenizer files (set by roles, which knows the model's directory)
         self.card_source: Callable[[EngineInfo], tuple[ModelCard, dict[str, Path]]] | None = None
         if enable_lora:
@@ -301,13 +308,26 @@ class Handlers:
     async def prepare(self, payload: Any, request_id: str) -> EngineRequest:
         """Validate a token-mode request and turn it into an engine request."""
         info = await self.info()
+        if self.prompts is not None and isinstance(payload, Mapping) and "messages" in payload \
+                and "token_ids" not in payload:
+            payload = await self.prompts.preprocess(payload, info.max_model_len)
         tokens = token_ids_of(payload)
         if len(tokens) >= info.max_model_len:
             raise invalid(
                 f"prompt has {len(tokens)} tokens; the context length is {info.max_model_len}"
             )
+        multi_modal: MultiModalInput | None = None
+        if payload.get("multi_modal") is not None:
+            if self.media is None:
+                raise invalid(f"multi_modal: this worker takes no images ({info.model} as --role {self.role}; "
+                              "images go to a multimodal processor)", param="multi_modal")
+            if not self.forwards:
+                multi_modal = await self.media.parse(payload["multi_modal"], tokens)
         sampling = build_sampling(payload, info, prompt_len=len(tokens))
         extra: dict[str, Any] = {}
+        if self.role == "encode":  # vLLM's own encoder (ECConnector producer): the prompt's images only
+            sampling["max_tokens"] = 1
+            sampling.pop("min_tokens", None)
         if self.role == "prefill":
             sampling["max_tokens"] = 1
             sampling.pop("min_tokens", None)
@@ -349,6 +369,8 @@ class Handlers:
             dp_rank=dp_rank,
             lora=lora,
             n=int(sampling.get("n", 1)),
+            multi_modal=multi_modal,
+            payload=dict(payload) if self.forwards else None,
         )
 
     async def model_card(self, payload: Any, emit: Emit, request_id: str) -> None:

@@ -31,7 +31,7 @@ class WorkerModels:
     async def serving(self, model: str | None, endpoint: str = "completions") -> ServedModel:
         info = await self.handlers.info()
         if model is None or model == info.model:
-            return ServedModel(info.model, info.max_model_len)
+            return ServedModel(info.model, info.max_model_len, takes_messages=self.handlers.prompts is not None)
         if model in self.handlers.loras.adapters:
             return ServedModel(model, info.max_model_len, adapter=model)
         raise RequestError(ErrorCode.NOT_FOUND, f"The model `{model}` does not exist.", param="model")

@@ -252,6 +252,8 @@ _VARS: tuple[EnvVar, ...] = (
     EnvVar("DYN_VLLM_EC_STORAGE_PATH", parse_str, None, "--ec-storage-path"),
     EnvVar("DYN_VLLM_EC_EXTRA_CONFIG", parse_json_object, None, "--ec-extra-config"),
     EnvVar("DYN_VLLM_EC_CONSUMER_MODE", parse_bool, False, "--ec-consumer-mode"),
+    EnvVar("DYN_VLLM_EMBEDDING_TRANSFER_MODE", choice_parser(("inline", "shm")), "inline",
+           "--embedding-transfer-mode"),
     # ports
     EnvVar("DYN_SYSTEM_PORT", parse_port_or_free, 0, "--system-port (0 picks a free port)", is_port=True),
     EnvVar("DYN_SYSTEM_HOST", parse_str, "127.0.0.1", "--system-host"),

@@ -27,6 +27,12 @@ from actors.http_front import WorkerModels
 from actors.kv_events import KvEventsRelay, KvEventsState, kv_event_sources
 from actors.metrics import MetricsActor, WorkerMetrics, vllm_metrics_source
 from actors.model_card import ModelCard, card_files
+from actors.multimodal.chain import ENCODER_ROLES, GENERATOR_ROLES, ChainOptions, MultimodalChain
+from actors.multimodal.encoder import EncodeEndpoint, VisionEncoder
+from actors.multimodal.inputs import MediaAccept
+from actors.multimodal.media import MediaFetcher
+from actors.multimodal.model import model_facts
+from actors.multimodal.prompt import MultimodalPrompts
 from actors.openai import ByteTokenizer, HfTokenizer, OpenAIServer, Tokenizer
 from actors.pipeline import Inflight, RequestPipeline
 from actors.system import SystemRoutes, SystemServer
@@ -213,6 +219,52 @@ def card_source(config: Config) -> Callable[[EngineInfo], tuple[ModelCard, dict[
     return source
 
 
+# -- multimodal roles ---------------------------------------------------------------------------
+
+PROCESSOR_ROLES = ("processor", "ec_processor")
+
+
+def multimodal_chain(config: Config) -> tuple[MultimodalChain, DiscoveryWatcher]:
+    """A processor's engine (the encode and generating workers it finds in discovery)
+    and the watcher that keeps their lists current."""
+    ec = config.multimodal_role == "ec_processor"
+    encoder_roles = ("native_encoder",) if ec else ("encode_worker",)
+    generators = Instances(lambda r: r.runtime_config.get("multimodal_role") in GENERATOR_ROLES, fetch_cards=False)
+    encoders = Instances(lambda r: r.runtime_config.get("multimodal_role") in encoder_roles, fetch_cards=False)
+    nats = nats_servers_for(config)
+    router = Router(RouterConfig(mode="round-robin"), KvIndex())
+    models = FrontendModels(generators, router, FrontendMetrics(generators, router),
+                            FrontendOptions(migration_limit=config.migration_limit, nats_servers=nats))
+    model = str(engine_args(config)["model"])
+    facts = model_facts(model)
+    max_len = int(config.engine_args.get("max_model_len") or facts.max_position_embeddings)
+    options = ChainOptions(served_name=config.served_model_name or model, max_model_len=max_len,
+                           vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids,
+                           transfer_mode=config.embedding_transfer_mode, encoder_cache=ec, nats_servers=nats)
+    watcher = DiscoveryWatcher([generators, encoders], make_discovery(config), config.namespace, nats_servers=nats)
+    return MultimodalChain(models, encoders, options), watcher
+
+
+def configure_multimodal(config: Config, handlers: Handlers, engine: EngineRef, metrics: WorkerMetrics) -> None:
+    """What a multimodal role's endpoints take: images or embeddings, chat messages with
+    images (a processor), or images to encode (an encode worker)."""
+    role = config.multimodal_role
+    model = str(engine_args(config)["model"])
+    facts = model_facts(model)
+    if role in PROCESSOR_ROLES:
+        fetcher = MediaFetcher(config.engine_args.get("allowed_local_media_path"))
+        handlers.prompts = MultimodalPrompts(config.mm_prompt_template, tokenizer_factory(config), fetcher,
+                                             image_token=facts.image_token, image_seq_length=facts.image_seq_length)
+        handlers.media = MediaAccept(facts.image_token_id)
+        handlers.forwards = True
+    elif role == "encode_worker":
+        endpoint = EncodeEndpoint(engine, metrics.registry, transfer_mode=config.embedding_transfer_mode)
+        handlers.endpoints["encode"] = endpoint.encode
+    else:
+        embeddings = bool(config.engine_args.get("enable_mm_embeds")) or config.engine != "vllm"
+        handlers.media = MediaAccept(facts.image_token_id, embeddings=embeddings)
+
+
 def serves_endpoints(config: Config) -> bool:
     """Non-leader data-parallel ranks run a degraded tree: no endpoints, no registration."""
     rank = getattr(config, "data_parallel_rank", None)
@@ -269,22 +321,36 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
     pipeline = RequestPipeline(lifecycle, inflight, observer=metrics)
     routes.pipeline = pipeline
     handlers = Handlers(engine, pipeline, role=config.role, enable_lora=bool(config.engine_args.get("enable_lora")))
+    mm_role = config.multimodal_role
+    if mm_role is not None:
+        configure_multimodal(config, handlers, engine, metrics)
     monitor = HealthMonitor(engine, health, interval=config.health_check_interval,
                             timeout=config.health_check_timeout, asleep=lambda: handlers.asleep)
     routes.checks["awake"] = lambda: (not handlers.asleep, "engine asleep (POST /engine/wake_up)")
     routes.details["health"] = lambda: dataclasses.asdict(health)
-    if serves_endpoints(config):  # the canary goes through the endpoint's handlers
+    # the canary goes through the endpoint's handlers (not for a processor, whose requests need its
+    # workers, nor an encode worker, which does not generate)
+    if serves_endpoints(config) and mm_role not in (*PROCESSOR_ROLES, "encode_worker"):
         monitor.canary = Canary(handlers, pipeline, wait=config.canary_wait_time,
                                 timeout=config.health_check_timeout, payload=config.health_check_payload)
+    backend: EngineBackend
+    watcher: DiscoveryWatcher | None = None
+    if mm_role in PROCESSOR_ROLES:
+        backend, watcher = multimodal_chain(config)
+    elif mm_role == "encode_worker":
+        backend = VisionEncoder(str(engine_args(config)["model"]), config.served_model_name)
+    else:
+        backend = make_backend(config, metrics.engine_stats)
     children = [
         # first up, last down: /live answers while everything else starts and stops
         ChildSpec("system", system.run, Restart.PERMANENT, shutdown=1.0),
-        ChildSpec("engine", EngineActor(make_backend(config, metrics.engine_stats), engine,
-                                        on_ready=engine_ready).run, Restart.TEMPORARY,
+        ChildSpec("engine", EngineActor(backend, engine, on_ready=engine_ready).run, Restart.TEMPORARY,
                   shutdown=10.0, significant=True),
         ChildSpec("health", monitor.run, Restart.PERMANENT, shutdown="brutal"),
         ChildSpec("metrics", metrics_actor.run, Restart.PERMANENT, shutdown=1.0),
     ]
+    if watcher is not None:  # a processor's view of its workers
+        children.append(ChildSpec("watcher", watcher.run, Restart.PERMANENT, shutdown=1.0))
     if kv_state is not None:
         children.append(ChildSpec("kv_events", KvEventsRelay(kv_state, events).run, Restart.PERMANENT, shutdown=1.0))
     registration = Registration()
@@ -308,6 +374,10 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
                                      "data_parallel_size": len(ranks), "endpoint_types": list(config.endpoint_types)}
             if config.sources.get("migration_limit") != "default":  # the worker's own limit wins for its model
                 extra["migration_limit"] = config.migration_limit
+            if mm_role is not None:  # a frontend routes to processors only; processors to the rest
+                extra["multimodal_role"] = mm_role
+            if mm_role in PROCESSOR_ROLES:
+                extra["input"] = "messages"  # it builds the prompt from the chat messages
             if isinstance(events, ZmqEventPublisher):
                 host = events.host if events.host not in ("0.0.0.0", "::") else advertised
                 extra["event_plane"] = f"tcp://{host}:{events.port}"
@@ -371,7 +441,8 @@ def build_frontend_tree(config: Config, registry: ActorRegistry, lifecycle: Life
     """
     system_socket = BoundSocket(config.system_host, config.system_port)
     routes = SystemRoutes()
-    instances = Instances()
+    # the multimodal processors' own workers are theirs to route to
+    instances = Instances(lambda r: r.runtime_config.get("multimodal_role") not in (*ENCODER_ROLES, *GENERATOR_ROLES))
     index = KvIndex()
     router = Router(RouterConfig(mode=config.router_mode, overlap_weight=config.kv_overlap_score_weight,
                                  temperature=config.router_temperature, use_kv_events=config.kv_events,

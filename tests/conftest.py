@@ -29,6 +29,13 @@ def tiny_model() -> Path:
     return build_tiny_llama(default_cache_dir() / "tiny-llama-test")
 
 
+@pytest.fixture(scope="session")
+def tiny_llava() -> Path:
+    from actors.engine.models import build_tiny_llava, default_cache_dir
+
+    return build_tiny_llava(default_cache_dir() / "tiny-llava-test")
+
+
 def vllm_worker_args(model: Path, *extra: str) -> list[str]:
     return ["--engine", "vllm", "--model", str(model), *VLLM_TEST_ARGS, "--system-port", "0", *extra]
 

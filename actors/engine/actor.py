@@ -196,6 +196,10 @@ class EngineRef:
     async def remove_lora(self, lora_id: int) -> None:
         await self._ask("remove_lora", lambda backend: backend.remove_lora(lora_id))
 
+    async def encode(self, images: list[Any]) -> Any:
+        """Images (PIL) -> embeddings [n_images, tokens, hidden] (an encode worker's engine)."""
+        return await self._ask("encode", lambda backend: backend.encode(images))
+
     def declare_dead(self, error: BaseException) -> None:
         """Crash the engine actor with ``error`` (the health monitor's verdict).
         The engine is significant: its supervisor escalates."""

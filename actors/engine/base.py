@@ -12,6 +12,7 @@ __all__ = [
     "EngineInfo",
     "EngineRequest",
     "LoraAdapter",
+    "MultiModalInput",
     "StepOutput",
     "Stream",
 ]
@@ -46,6 +47,19 @@ class LoraAdapter:
 
 
 @dataclass
+class MultiModalInput:
+    """The images of a request, in the form its engine takes them."""
+
+    images: list[Any] = field(default_factory=list)  # PIL images: the engine runs the vision tower
+    embeddings: Any = None  # or a tensor [n_images, tokens, hidden] an encode worker made
+    uuids: list[str] | None = None  # the images' content hashes: name their encoder outputs
+
+    @property
+    def count(self) -> int:
+        return len(self.images) if self.embeddings is None else int(self.embeddings.shape[0])
+
+
+@dataclass
 class EngineRequest:
     """A request the engine can run: tokens plus backend-ready sampling."""
 
@@ -58,6 +72,9 @@ class EngineRequest:
     priority: int = 0
     dp_rank: int | None = None
     n: int = 1  # samples; each output says which one it belongs to (StepOutput.index)
+    multi_modal: MultiModalInput | None = None
+    # the token-mode request as it came, for an engine that forwards requests (a processor's chain)
+    payload: dict[str, Any] | None = None
 
 
 @dataclass
@@ -126,3 +143,8 @@ class EngineBackend(Protocol):
     async def add_lora(self, adapter: LoraAdapter) -> None: ...
 
     async def remove_lora(self, lora_id: int) -> None: ...
+
+    async def encode(self, images: list[Any]) -> Any:
+        """Images (PIL) -> their embeddings, a tensor [n_images, tokens, hidden] (an encode
+        worker's engine; the others raise ``RequestFailed``)."""
+        ...

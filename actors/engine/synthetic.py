@@ -36,7 +36,7 @@ import structlog
 import trio
 
 from ..errors import EngineDead, RequestFailed
-from .base import EngineInfo, EngineRequest, LoraAdapter, StepOutput, Stream
+from .base import EngineInfo, EngineRequest, LoraAdapter, MultiModalInput, StepOutput, Stream
 from .kv_publisher import KvEventPublisher, all_cleared, block_stored, blocks_removed
 
 __all__ = ["SyntheticEngine", "block_hashes", "next_token"]
@@ -46,6 +46,22 @@ _log = structlog.get_logger("actors.engine.synthetic")
 
 def next_token(history_sum: int, history_len: int, sample: int, vocab: int) -> int:
     return (history_sum + history_len + 7 * sample) % vocab
+
+
+def _image_salt(mm: MultiModalInput | None) -> int:
+    """Images change the answer as a real model's would: the same images (by content, in any
+    form) give the same tokens on any worker."""
+    if mm is None:
+        return 0
+    digest = hashlib.sha256()
+    if mm.uuids:  # the images' content hashes
+        for uuid in mm.uuids:
+            digest.update(uuid.encode())
+    elif mm.embeddings is not None:
+        import torch
+
+        digest.update(mm.embeddings.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:4], "big")
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[tuple[int, list[int]]]:
@@ -294,7 +310,7 @@ class SyntheticEngine:
             self.die("synthetic engine told to die by a request")
         cached = self._prefill(request.token_ids)
         uncached = len(request.token_ids) - cached
-        total = sum(request.token_ids)
+        total = sum(request.token_ids) + _image_salt(request.multi_modal)
         samples = [_Sample(total, len(request.token_ids)) for _ in range(max(1, request.n))]
         ready_at = trio.current_time() + uncached * self.prefill_s_per_token
         self._running[request.request_id] = _Running(request, send, samples, ready_at, cached)
@@ -333,6 +349,10 @@ class SyntheticEngine:
 
     async def add_lora(self, adapter: LoraAdapter) -> None:
         self.loras[adapter.lora_id] = adapter
+
+    async def encode(self, images: list[Any]) -> Any:
+        raise RequestFailed("this worker does not encode images (an encode worker does: "
+                            "--multimodal-encode-worker)")
 
     async def remove_lora(self, lora_id: int) -> None:
         self.loras.pop(lora_id, None)

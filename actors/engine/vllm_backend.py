@@ -30,7 +30,7 @@ import trio
 import trio_asyncio
 
 from ..errors import EngineDead, RequestFailed
-from .base import EngineInfo, EngineRequest, LoraAdapter, StepOutput, Stream
+from .base import EngineInfo, EngineRequest, LoraAdapter, MultiModalInput, StepOutput, Stream
 
 __all__ = ["SUPPORTED_VLLM", "VllmEngine", "kv_event_ports_taken", "vllm_version"]
 
@@ -129,6 +129,17 @@ def _sampling_params(cls: Any, kwargs: dict[str, Any]) -> Any:
     if structured:
         params.structured_outputs = StructuredOutputsParams(**structured)
     return params
+
+
+def _multimodal_prompt(token_ids: list[int], mm: MultiModalInput) -> dict[str, Any]:
+    """vLLM's token prompt with images: pictures (its vision tower runs) or their embeddings
+    (``enable_mm_embeds``; one [n_images, tokens, hidden] tensor), named by ``uuids`` (what
+    an ECConnector stores and loads an image's encoder output under)."""
+    data = mm.embeddings if mm.embeddings is not None else list(mm.images)
+    prompt: dict[str, Any] = {"prompt_token_ids": token_ids, "multi_modal_data": {"image": data}}
+    if mm.uuids:
+        prompt["multi_modal_uuids"] = {"image": list(mm.uuids)}
+    return prompt
 
 
 def _lora_request(adapter: LoraAdapter | None) -> Any:
@@ -337,12 +348,17 @@ class VllmEngine:
         sampling = request.sampling
         if isinstance(sampling, dict):
             sampling = _sampling_params(SamplingParams, sampling)
-        collector = await llm.add_request(
-            request.request_id,
+        prompt: Any
+        if request.multi_modal is not None:
+            prompt = _multimodal_prompt(request.token_ids, request.multi_modal)
+        else:
             # Rendered, as vllm serve passes it: a raw {"prompt_token_ids": ...} goes through the
             # renderer's thread pool first, and that thread waits for the GIL our busy loop holds
             # (TTFT over vLLM's own, 32 streams: 146 -> 85 ms; bench/FINDINGS.md).
-            tokens_input(request.token_ids),
+            prompt = tokens_input(request.token_ids)
+        collector = await llm.add_request(
+            request.request_id,
+            prompt,
             sampling,
             lora_request=_lora_request(request.lora),
             priority=request.priority,
@@ -392,6 +408,10 @@ class VllmEngine:
     async def add_lora(self, adapter: LoraAdapter) -> None:
         if not await self._aio("add_lora", _lora_request(adapter)):
             raise RequestFailed(f"vLLM did not load LoRA adapter {adapter.name!r} from {adapter.path}")
+
+    async def encode(self, images: list[Any]) -> Any:
+        raise RequestFailed("this worker does not encode images (an encode worker does: "
+                            "--multimodal-encode-worker)")
 
     async def remove_lora(self, lora_id: int) -> None:
         await self._aio("remove_lora", lora_id)

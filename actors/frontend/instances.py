@@ -93,7 +93,12 @@ class Model:
 
 
 class Instances:
-    def __init__(self) -> None:
+    """The instances discovery lists that ``accept`` takes (all by default); with
+    ``fetch_cards``, their models' cards and tokenizers are fetched too."""
+
+    def __init__(self, accept: Callable[[InstanceRecord], bool] | None = None, *, fetch_cards: bool = True) -> None:
+        self.accept = accept
+        self.fetch_cards = fetch_cards
         self.by_id: dict[str, Instance] = {}
         self.models: dict[str, Model] = {}
         self.changed = trio.Event()
@@ -101,7 +106,8 @@ class Instances:
         self.on_removed: list[Callable[[Instance], None]] = []
 
     def update(self, records: Sequence[InstanceRecord]) -> tuple[list[Instance], list[Instance]]:
-        seen = {r.instance_id: r for r in records}
+        accept = self.accept
+        seen = {r.instance_id: r for r in records if accept is None or accept(r)}
         added: list[Instance] = []
         for iid, record in seen.items():
             found = self.by_id.get(iid)
@@ -121,7 +127,8 @@ class Instances:
             self.changed = trio.Event()
         return added, removed
 
-    def serving(self, model: str, roles: Sequence[str] = ("agg", "decode")) -> list[Instance]:
+    def serving(self, model: str, roles: Sequence[str] = ("agg", "decode", "processor")) -> list[Instance]:
+        """The instances that answer ``model``'s requests (a multimodal processor does, for its workers)."""
         return sorted((i for i in self.by_id.values() if i.model == model and i.role in roles), key=lambda i: i.id)
 
     def serving_any(self) -> list[Instance]:
@@ -137,9 +144,9 @@ class Instances:
 class DiscoveryWatcher:
     """``ChildSpec("watcher", DiscoveryWatcher(...).run)``."""
 
-    def __init__(self, instances: Instances, discovery: Discovery, namespace: str, *, interval: float = 1.0,
-                 nats_servers: Sequence[str] = (), cache_dir: Path | None = None) -> None:
-        self.instances = instances
+    def __init__(self, instances: Instances | Sequence[Instances], discovery: Discovery, namespace: str, *,
+                 interval: float = 1.0, nats_servers: Sequence[str] = (), cache_dir: Path | None = None) -> None:
+        self.views = [instances] if isinstance(instances, Instances) else list(instances)
         self.discovery = discovery
         self.namespace = namespace
         self.interval = interval
@@ -160,20 +167,24 @@ class DiscoveryWatcher:
 
     async def _poll(self, ctx: ActorContext, nursery: trio.Nursery) -> None:
         records = [r for r in await self.discovery.list(self.namespace) if r.endpoint == "generate" and r.model]
-        added, removed = self.instances.update(records)
-        for inst in added:
-            ctx.log.info("frontend.worker_added", instance=inst.id, model=inst.model, role=inst.role,
-                         address=inst.record.address, transport=inst.record.transport)
-        for inst in removed:
-            ctx.log.info("frontend.worker_removed", instance=inst.id, model=inst.model)
-        for inst in self.instances.by_id.values():  # a model not known yet (or whose fetch failed)
-            if inst.model not in self.instances.models:
-                card = inst.card()
-                if card is not None:
-                    model = self.instances.models[inst.model] = Model(card)
-                    nursery.start_soon(self._fetch, ctx, model, inst)
+        for view in self.views:
+            added, removed = view.update(records)
+            for inst in added:
+                ctx.log.info("frontend.worker_added", instance=inst.id, model=inst.model, role=inst.role,
+                             multimodal_role=inst.runtime.get("multimodal_role"), address=inst.record.address,
+                             transport=inst.record.transport)
+            for inst in removed:
+                ctx.log.info("frontend.worker_removed", instance=inst.id, model=inst.model)
+            if not view.fetch_cards:
+                continue
+            for inst in view.by_id.values():  # a model not known yet (or whose fetch failed)
+                if inst.model not in view.models:
+                    card = inst.card()
+                    if card is not None:
+                        model = view.models[inst.model] = Model(card)
+                        nursery.start_soon(self._fetch, ctx, view, model, inst)
 
-    async def _fetch(self, ctx: ActorContext, model: Model, inst: Instance) -> None:
+    async def _fetch(self, ctx: ActorContext, view: Instances, model: Model, inst: Instance) -> None:
         """The model's tokenizer: the worker's own files, fetched once."""
         card = model.card
         try:
@@ -192,7 +203,7 @@ class DiscoveryWatcher:
             model.fetch_error = f"{type(exc).__name__}: {exc}"
             ctx.log.warning("frontend.model_card_failed", model=card.name, error=model.fetch_error, instance=inst.id)
         finally:
-            if model.tokenizer is None and self.instances.models.get(card.name) is model:
-                del self.instances.models[card.name]  # failed or cancelled: fetched again next time
+            if model.tokenizer is None and view.models.get(card.name) is model:
+                del view.models[card.name]  # failed or cancelled: fetched again next time
             model.ready.set()
 

@@ -95,7 +95,10 @@ class FrontendModels:
         if served is None or served.tokenizer is None:
             raise RequestError(ErrorCode.UNAVAILABLE, f"model {name!r}: its card is not loaded yet "
                                f"({served.fetch_error if served else 'no worker offered it'})")
-        return ServedModel(model or name, served.card.context_length, adapter=adapter, tokenizer=served.tokenizer)
+        # a multimodal processor builds the prompt (and fetches the images) itself
+        takes_messages = any(i.runtime.get("input") == "messages" for i in self.instances.serving(name))
+        return ServedModel(model or name, served.card.context_length, adapter=adapter, tokenizer=served.tokenizer,
+                           takes_messages=takes_messages)
 
     async def models(self) -> list[dict[str, Any]]:
         now = int(time.time())
@@ -138,7 +141,10 @@ class RoutedStream:
         self.payload = payload
         self.engine_id = engine_id
         self.model = str(payload.get("model") or "")
-        self.prompt: list[int] = list(payload["token_ids"])
+        # a multimodal processor takes chat messages (it builds the prompt): no token ids here
+        self.prompt: list[int] = list(payload.get("token_ids") or [])
+        self.messages = "messages" in payload and "token_ids" not in payload
+        self._carried = 0  # tokens the current attempt's prompt has beyond the client's (prefill, migration)
         sampling = payload.get("sampling_options") or {}
         stop = payload.get("stop_conditions") or {}
         self.max_tokens = int(stop.get("max_tokens") or 1)
@@ -224,7 +230,9 @@ class RoutedStream:
         """Usage as the client sees it: its own prompt, and every token it got, whichever
         workers made them."""
         if out.final:
-            out.prompt_tokens = len(self.prompt)
+            # the worker counts what it was sent (images expanded to their tokens, say), less what
+            # this stream added to the client's prompt
+            out.prompt_tokens = max(len(self.prompt), out.prompt_tokens - self._carried)
             out.completion_tokens = self.completion_tokens + len(out.token_ids)
         return out
 
@@ -238,7 +246,7 @@ class RoutedStream:
         reason = code
         left = self.max_tokens - len(self.generated)
         if (migratable and self.migrations < self._migration_limit() and self.n == 1
-                and not self.guided and left > 0):
+                and not self.guided and not (self.messages and self.generated) and left > 0):
             self.migrations += 1
             self.models.metrics.migrations.labels(self._model_name(), reason).inc()
             _log.warning("request.migrating", engine_id=self.engine_id, reason=reason, error=message,
@@ -272,7 +280,7 @@ class RoutedStream:
         prefill_workers = [i for i in instances.serving(name, roles=("prefill",)) if i.id not in self.excluded]
         attempt = self.migrations
         request_id = self.engine_id if attempt == 0 else f"{self.engine_id}~m{attempt}"
-        if prefill_workers and not self.generated and self.n == 1:
+        if prefill_workers and not self.generated and self.n == 1 and not self.messages:
             prefilled = await self._prefill(name, payload, prefill_workers, request_id)
             if prefilled is not None:
                 payload = prefilled
@@ -281,7 +289,9 @@ class RoutedStream:
         if self._done:
             return
         decode_workers = instances.serving(name)
-        decision = self.models.router.pick(name, decode_workers, payload["token_ids"], frozenset(self.excluded))
+        self._carried = len(payload.get("token_ids") or []) - len(self.prompt)
+        decision = self.models.router.pick(name, decode_workers, payload.get("token_ids") or [],
+                                           frozenset(self.excluded))
         self._decision = decision
         self.models.metrics.router_seconds.observe(decision.seconds)
         if decision.instance.dp_size > 1:

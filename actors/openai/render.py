@@ -67,6 +67,7 @@ class Renderer:
         ]
         self.prompt_logprobs: dict[int, list[Any]] = {}
         self.cached_tokens: int | None = None
+        self.reported_prompt_tokens: dict[int, int] = {}  # by prompt, when the backend built the prompt
         self._token_text: Callable[[int], str] = tokenizer.token_text
 
     # -- feeding ---------------------------------------------------------------------
@@ -89,6 +90,8 @@ class Renderer:
             self.prompt_logprobs[prompt_index] = out.prompt_logprobs
         if out.final:
             self.cached_tokens = (self.cached_tokens or 0) + out.cached_tokens
+            if not choice.prompt.token_ids:  # the backend built the prompt: its count is the one
+                self.reported_prompt_tokens[prompt_index] = out.prompt_tokens
         token_ids: Sequence[int] = out.token_ids
         tops: Sequence[list[dict[str, Any]] | None] | None = out.top_logprobs
         if self.call.echo and not choice.echoed:
@@ -214,10 +217,11 @@ class Renderer:
 
     # -- the whole response ---------------------------------------------------------------
     def _prompt_tokens(self, choice: _Choice) -> int:
-        return len(choice.prompt.token_ids)
+        return len(choice.prompt.token_ids) or self.reported_prompt_tokens.get(choice.index // self.call.n, 0)
 
     def usage(self) -> dict[str, Any]:
-        prompt_tokens = sum(len(p.token_ids) for p in self.call.prompts)
+        prompt_tokens = sum(len(p.token_ids) or self.reported_prompt_tokens.get(i, 0)
+                            for i, p in enumerate(self.call.prompts))
         return usage(prompt_tokens, sum(c.tokens for c in self.choices), self.cached_tokens)
 
     def response(self) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import ErrorCode, RequestError, invalid
 from .tokenizer import TokenizerRunner
 
-__all__ = ["COMPLETIONS_DEFAULT_MAX_TOKENS", "OpenAICall", "Prompt", "parse_call", "prompt_payload"]
+__all__ = ["COMPLETIONS_DEFAULT_MAX_TOKENS", "OpenAICall", "Prompt", "messages_payload", "parse_call",
+           "prompt_payload"]
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vllm serve's) default for /v1/completions
 MAX_PROMPTS = 1024  # prompts in one /v1/completions batch
@@ -221,8 +222,6 @@ async def tokenize(call: OpenAICall, tokenizer: TokenizerRunner, chat_kwargs: Ma
 def prompt_payload(call: OpenAICall, prompt: Prompt, *, max_model_len: int) -> dict[str, Any]:
     """One prompt of a call as a token-mode request (what a worker's ``generate`` takes)."""
     body = call.body
-    sampling = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
-    stop = {k: body[k] for k in _STOP if body.get(k) is not None}
     prompt_len = len(prompt.token_ids)
     if prompt_len > max_model_len:
         raise invalid(f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -232,7 +231,27 @@ def prompt_payload(call: OpenAICall, prompt: Prompt, *, max_model_len: int) -> d
     if requested is None and not call.chat:
         requested = COMPLETIONS_DEFAULT_MAX_TOKENS
     room = max_model_len - prompt_len
-    stop["max_tokens"] = max(1, min(requested, room) if requested is not None else room)
+    payload = _sections(call)
+    payload["stop_conditions"]["max_tokens"] = max(1, min(requested, room) if requested is not None else room)
+    return {"token_ids": prompt.token_ids, **payload}
+
+
+def messages_payload(call: OpenAICall) -> dict[str, Any]:
+    """A chat call for a backend that builds the prompt itself (a multimodal processor): the
+    messages as they came, with the token-mode sections; ``max_tokens`` only when asked
+    for (the backend knows the room the prompt leaves)."""
+    payload = _sections(call)
+    requested = call.body.get("max_completion_tokens", call.body.get("max_tokens"))
+    if requested is not None:
+        payload["stop_conditions"]["max_tokens"] = requested
+    return {"messages": call.body.get("messages"), **payload}
+
+
+def _sections(call: OpenAICall) -> dict[str, Any]:
+    """A call's sampling, stop, output and routing sections, as a token-mode request has them."""
+    body = call.body
+    sampling = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
+    stop = {k: body[k] for k in _STOP if body.get(k) is not None}
     output: dict[str, Any] = {}
     if call.logprobs is not None:
         output["logprobs"] = call.logprobs
@@ -243,8 +262,7 @@ def prompt_payload(call: OpenAICall, prompt: Prompt, *, max_model_len: int) -> d
         output["prompt_logprobs"] = prompt_logprobs
     if body.get("skip_special_tokens") is not None:
         output["skip_special_tokens"] = body["skip_special_tokens"]
-    payload: dict[str, Any] = {"token_ids": prompt.token_ids, "sampling_options": sampling,
-                               "stop_conditions": stop, "output_options": output}
+    payload: dict[str, Any] = {"sampling_options": sampling, "stop_conditions": stop, "output_options": output}
     guided = guided_decoding(body)
     if guided:
         sampling["guided_decoding"] = guided

@@ -38,7 +38,7 @@ from ..engine.base import StepOutput
 from ..errors import ErrorCode, RequestError
 from ..pipeline import AbortReason, RequestControl, RequestPipeline, Ticket
 from .render import Renderer
-from .request import OpenAICall, parse_call, prompt_payload, tokenize
+from .request import OpenAICall, Prompt, messages_payload, parse_call, prompt_payload, tokenize
 from .tokenizer import Tokenizer, TokenizerRunner
 
 __all__ = ["MAX_BODY", "ModelBackend", "OpenAIServer", "OutputStream", "ServedModel", "error_body"]
@@ -64,6 +64,8 @@ class ServedModel:
     max_model_len: int
     adapter: str | None = None  # a LoRA adapter's name: the token-mode payload's ``model``
     tokenizer: Tokenizer | None = None  # the model's own, when the server serves several (else the server's)
+    # the backend builds the prompt from the chat messages itself (a multimodal processor)
+    takes_messages: bool = False
 
 
 class OutputStream(Protocol):
@@ -318,13 +320,18 @@ class OpenAIServer:
         served = await self.backend.serving(call.model, call.endpoint)
         tokenizer = served.tokenizer or self.tokenizer
         assert tokenizer is not None
-        call.prompts = await tokenize(call, self.runner(tokenizer))
-        payloads = []
-        for prompt in call.prompts:
-            payload = prompt_payload(call, prompt, max_model_len=served.max_model_len)
+        if served.takes_messages:
+            if not call.chat:
+                raise RequestError(ErrorCode.INVALID_REQUEST, f"model {served.name!r} takes chat requests (with "
+                                   "images) only: use /v1/chat/completions", param="prompt")
+            call.prompts = [Prompt([])]  # the backend tokenizes; usage comes from its answer
+            payloads = [messages_payload(call)]
+        else:
+            call.prompts = await tokenize(call, self.runner(tokenizer))
+            payloads = [prompt_payload(call, prompt, max_model_len=served.max_model_len) for prompt in call.prompts]
             if served.adapter is not None:
-                payload["model"] = served.adapter
-            payloads.append(payload)
+                for payload in payloads:
+                    payload["model"] = served.adapter
         renderer = Renderer(call, served.name, tokenizer)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, exchange, ticket.control)

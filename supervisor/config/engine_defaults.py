@@ -199,7 +199,7 @@ def _kv_events(role: str, engine_args: dict[str, Any], engine_sources: dict[str,
     host's replay port. The user's own --kv-events-config is taken as given.
     """
     user = engine_args.get("kv_events_config")
-    if role == "decode" or role in ENGINELESS_ROLES:
+    if role in ("decode", "encode") or role in ENGINELESS_ROLES:  # no prefix cache a router could use
         if user is not None:
             warnings.append(f"--kv-events-config ignored: {role} workers publish no KV events")
         engine_args["kv_events_config"], engine_sources["kv_events_config"] = None, "default"
@@ -259,3 +259,14 @@ def _apply_ec_transfer(s: _Settings, engine_args: dict[str, Any], engine_sources
             "ec_connector_extra_config": extra,
         }
         engine_sources["ec_transfer_config"] = "default"
+
+
+# multimodal workers that take embeddings an encode worker made (vLLM's enable_mm_embeds)
+_EMBEDDING_ROLES = frozenset({"pd_worker", "decode_worker"})
+
+
+def _apply_multimodal(engine_args: dict[str, Any], engine_sources: dict[str, Source], *,
+                      multimodal_role: str | None, engine: str) -> None:
+    """A PD or decode worker takes the embeddings of an encode worker (still images too)."""
+    if engine == "vllm" and multimodal_role in _EMBEDDING_ROLES:
+        _set_default(engine_args, engine_sources, "enable_mm_embeds", True)

@@ -202,6 +202,9 @@ OPTIONS: tuple[Option, ...] = (
            env="DYN_VLLM_EC_EXTRA_CONFIG", group=G_MULTIMODAL, metavar="JSON"),
     Option("--ec-consumer-mode", "bool", "Load encoder outputs from the shared storage (PD workers).",
            env="DYN_VLLM_EC_CONSUMER_MODE", group=G_MULTIMODAL),
+    Option("--embedding-transfer-mode", "choice", "How an encode worker's embeddings reach the PD worker: in the "
+           "request (inline) or through shared memory on one host (shm).", env="DYN_VLLM_EMBEDDING_TRANSFER_MODE",
+           choices=("inline", "shm"), group=G_MULTIMODAL),
     # -- health and shutdown
     Option("--health-check-interval", "float", "Seconds between engine health checks.",
            env="DYN_HEALTH_CHECK_INTERVAL", positive=True, group=G_HEALTH),

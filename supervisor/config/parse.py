@@ -19,11 +19,13 @@ from ..errors import ConfigError
 from .engine_defaults import (
     _apply_ec_transfer,
     _apply_kv_transfer,
+    _apply_multimodal,
     _apply_worker_defaults,
     _kv_events,
 )
 from .options import build_parser
 from .rules import (
+    MULTIMODAL_FLAGS,
     _check_connectors,
     _check_endpoint_types,
     _check_jinja_template,
@@ -69,6 +71,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     if engine == "vllm" and not vllm_installed:
         raise ConfigError(f"{s.name('engine')} vllm: vLLM is not installed here (use --engine synthetic)")
     role, role_source, multimodal_role = _resolve_role(s, warnings)
+    # how the user chose the multimodal role, for errors about it
+    multimodal_flag = next((s.name(d) for d in MULTIMODAL_FLAGS if s[d]), s.name("role") if multimodal_role else None)
 
     # -- engine flags: vLLM's parser only when something needs it
     engine_args, engine_sources, vllm_loaded = _engine_flags(
@@ -107,6 +111,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
                                              warnings)
     _apply_ec_transfer(s, engine_args, engine_sources, uses_ec=uses_ec, multimodal_role=multimodal_role,
                        ec_storage_path=ec_storage_path)
+    _apply_multimodal(engine_args, engine_sources, multimodal_role=multimodal_role, engine=engine)
 
     # -- ports and the rest
     http_port = s["http_port"]
@@ -179,11 +184,13 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         connectors=connectors,
         enable_multimodal=s["enable_multimodal"],
         multimodal_role=multimodal_role,
+        multimodal_flag=multimodal_flag,
         mm_prompt_template=s["mm_prompt_template"],
         ec_connector_backend=s["ec_connector_backend"],
         ec_storage_path=ec_storage_path,
         ec_extra_config=_frozen(ec_extra) if ec_extra is not None else None,
         ec_consumer_mode=s["ec_consumer_mode"],
+        embedding_transfer_mode=s["embedding_transfer_mode"],
         data_parallel_rank=data_parallel_rank,
         data_parallel_size=int(engine_args.get("data_parallel_size") or 1),
         tensor_parallel_size=tp,

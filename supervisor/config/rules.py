@@ -37,7 +37,7 @@ MULTIMODAL_FLAGS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "multimodal_encode_worker": ("encode_worker", ("encode",)),
     "multimodal_worker": ("pd_worker", ("agg", "prefill")),
     "multimodal_decode_worker": ("decode_worker", ("decode",)),
-    "multimodal_encode_prefill_worker": ("encode_prefill_worker", ("agg",)),
+    "multimodal_encode_prefill_worker": ("encode_prefill_worker", ("agg", "prefill")),
     "vllm_native_encoder_worker": ("native_encoder", ("encode",)),
 }
 _ROLE_MULTIMODAL = {"encode": "encode_worker", "processor": "processor"}
@@ -109,7 +109,7 @@ def _resolve_identity(s: _Settings, role: str) -> tuple[tuple[str, Source], tupl
         if s.explicit(dest) and not _NAME.match(s[dest]):
             raise ConfigError(f"{s.name(dest)}: {s[dest]!r} may only hold letters, digits, '-' and '_'")
     namespace: tuple[str, Source] = (s["namespace"], s.sources["namespace"])
-    role_component = {"prefill": "prefill", "encode": "encode"}.get(role, "backend")
+    role_component = {"prefill": "prefill", "encode": "encode", "processor": "processor"}.get(role, "backend")
     component: tuple[str, Source] = (s["component"], s.sources["component"]) if s.explicit("component") \
         else (role_component, "default")
     endpoint: tuple[str, Source] = (DEFAULT_ENDPOINT, "default")
@@ -223,7 +223,7 @@ def _check_multimodal(s: _Settings, role: str, multimodal_role: str | None) -> b
 # Config field. The one list both --check-config and start read: shrink it as roles
 # and planes get built.
 NOT_AVAILABLE_YET: Mapping[str, tuple[str, ...]] = {
-    "role": ("encode", "processor"),
+    "role": (),
     "request_plane": (),
     "event_plane": ("nats",),
 }
@@ -253,8 +253,29 @@ def check_startable(config: Config, environ: Mapping[str, str] | None = None) ->
         if getattr(config, field_name):
             raise ConfigError(f"{_named(config, field_name)}{_origin(config, field_name)}: not available yet "
                               "(tool calls and reasoning are returned as content)")
+    if config.multimodal_role is not None:
+        _check_vision_model(config)
     if config.engine == "vllm" and config.model is not None:
         _check_model(config, env)
+
+
+def _check_vision_model(config: Config) -> None:
+    """A multimodal role needs a model with a vision tower (and, read from its directory,
+    its image token)."""
+    from actors.multimodal.model import vision_config_error
+
+    flag = config.multimodal_flag or f"--role {config.role}"
+    if flag == "--role":
+        flag = f"--role {config.role}"
+    if config.model is None:
+        raise ConfigError(f"{flag}: needs --model, a vision-language model's directory (the demo model is "
+                          "text only)")
+    model = os.path.expanduser(str(config.model))
+    if not Path(model).is_dir():
+        raise ConfigError(f"{flag}: --model {config.model} must be a model directory (a vision-language model)")
+    why = vision_config_error(model)
+    if why is not None:
+        raise ConfigError(f"{flag}: --model {config.model} cannot serve images: {why}")
 
 
 def _named(config: Config, field_name: str) -> str:

@@ -83,11 +83,13 @@ class Config:
     # processor, ec_processor, encode_worker, pd_worker, decode_worker,
     # encode_prefill_worker, native_encoder; None for text-only workers
     multimodal_role: str | None = None
+    multimodal_flag: str | None = None  # the flag that chose it (--multimodal-worker, --role encode...)
     mm_prompt_template: str = "USER: <image>\n<prompt> ASSISTANT:"
     ec_connector_backend: str = "ECExampleConnector"
     ec_storage_path: str | None = None
     ec_extra_config: Mapping[str, Any] | None = None
     ec_consumer_mode: bool = False
+    embedding_transfer_mode: str = "inline"
     data_parallel_rank: int | None = None
     data_parallel_size: int = 1
     tensor_parallel_size: int = 1

@@ -22,7 +22,7 @@ from supervisor.config import ConfigError, parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-ROLES = "not available yet (available: agg, decode, prefill, frontend)"
+NO_VISION = "needs --model, a vision-language model's directory (the demo model is text only)"
 
 
 @dataclass
@@ -71,10 +71,13 @@ def no_vllm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 # (name, arguments, environment, the one error line)
 SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
-    ("role-encode", ["--role", "encode", "--enable-multimodal"], {}, f"error: --role encode: {ROLES}"),
-    ("role-processor", ["--role", "processor", "--enable-multimodal"], {}, f"error: --role processor: {ROLES}"),
-    ("multimodal-processor", ["--multimodal-processor", "--enable-multimodal"], {},
-     f"error: --role processor: {ROLES}"),
+    ("role-encode", ["--role", "encode", "--enable-multimodal"], {}, f"error: --role encode: {NO_VISION}"),
+    ("role-processor", ["--role", "processor", "--enable-multimodal"], {}, f"error: --role processor: {NO_VISION}"),
+    ("multimodal-worker-from-env", ["--enable-multimodal"], {"DYN_VLLM_MULTIMODAL_WORKER": "1"},
+     f"error: --multimodal-worker (from DYN_VLLM_MULTIMODAL_WORKER): {NO_VISION}"),
+    ("multimodal-processor-text-model", ["--multimodal-processor", "--enable-multimodal", "--model", "TEXT_MODEL"], {},
+     "error: --multimodal-processor: --model TEXT_MODEL cannot serve images: it has no vision tower "
+     "(LlamaForCausalLM: no vision_config and image token in its config.json)"),
     ("durable-kv-events", ["--durable-kv-events"], {},
      "error: --durable-kv-events: needs the NATS event plane (JetStream), and --event-plane nats is not "
      "available yet"),
@@ -88,6 +91,11 @@ SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
 @pytest.mark.parametrize(("name", "args", "env", "expected"), SYNTHETIC, ids=[c[0] for c in SYNTHETIC])
 def test_check_config_and_start_refuse_alike(no_vllm_path: str, name: str, args: list[str], env: dict[str, str],
                                              expected: str) -> None:
+    text_model = no_vllm_path + "/text-model"  # a directory with a text-only model's config.json
+    Path(text_model).mkdir(exist_ok=True)
+    (Path(text_model) / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": 300}')
+    args = [text_model if a == "TEXT_MODEL" else a for a in args]
+    expected = expected.replace("TEXT_MODEL", text_model)
     argv = ["--engine", "synthetic", "--discovery-backend", "mem", *args]
     checked = start([*argv, "--check-config"], {"PYTHONPATH": no_vllm_path, **env})
     started = start(argv, {"PYTHONPATH": no_vllm_path, **env})
@@ -111,7 +119,7 @@ def test_build_tree_refuses_with_the_same_line() -> None:
     from supervisor.roles import build_tree
 
     for args, expected in ((["--event-plane", "nats"], "--event-plane nats: not available yet (available: zmq)"),
-                           (["--role", "encode", "--enable-multimodal"], f"--role encode: {ROLES}")):
+                           (["--role", "encode", "--enable-multimodal"], f"--role encode: {NO_VISION}")):
         config = parse_args(["--engine", "synthetic", *args], {})
         with pytest.raises(ConfigError) as info:
             build_tree(config)

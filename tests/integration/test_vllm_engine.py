@@ -239,14 +239,16 @@ async def test_engine_core_sigkill_under_8_streams_exits_1(own_worker: Worker) -
     streaming = trio.Semaphore(0)
 
     async def stream(i: int) -> None:
+        tokens, first = 0, True
         try:
             async with Call(address, "generate", greedy(PROMPTS[i % 3], 1800)) as call:
-                first = True
-                async for _ in call:
+                async for item in call:
                     if first:
                         streaming.release()
                         first = False
-            outcomes.append("finished")
+                    tokens += len(item.get("token_ids") or [])
+            # on two busy cores a stream may end before the last one starts: whole, or not at all
+            outcomes.append("finished" if tokens == 1800 else f"finished after {tokens} tokens")
         except CallError as exc:
             outcomes.append(exc.code)
 
@@ -262,7 +264,7 @@ async def test_engine_core_sigkill_under_8_streams_exits_1(own_worker: Worker) -
     assert status == 1
     assert exit_after < 6.0, f"worker took {exit_after:.1f}s to exit after the engine died"
     assert len(outcomes) == 8
-    assert set(outcomes) <= {"engine_dead", "disconnected"}, outcomes
+    assert set(outcomes) <= {"engine_dead", "disconnected", "finished"}, outcomes
     assert "engine_dead" in outcomes
     failed = next(e for e in own_worker.events() if e["event"] == "worker.failed")
     assert "EngineDead" in failed["cause"]

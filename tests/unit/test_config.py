@@ -159,7 +159,7 @@ def test_frontend_serves_http_on_8000_by_default() -> None:
     (("--role", "decode"), "backend"),
     (("--role", "prefill"), "prefill"),
     (("--role", "encode", "--enable-multimodal"), "encode"),
-    (("--role", "processor", "--enable-multimodal"), "backend"),
+    (("--role", "processor", "--enable-multimodal"), "processor"),  # apart from the workers it drives
     (("--role", "frontend"), "backend"),
     (("--is-prefill-worker",), "prefill"),
     (("--multimodal-encode-worker", "--enable-multimodal"), "encode"),
