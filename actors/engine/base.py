@@ -13,6 +13,7 @@ __all__ = [
     "EngineRequest",
     "LoraAdapter",
     "MultiModalInput",
+    "NoEngineControl",
     "StepOutput",
     "Stream",
 ]
@@ -148,3 +149,33 @@ class EngineBackend(Protocol):
         """Images (PIL) -> their embeddings, a tensor [n_images, tokens, hidden] (an encode
         worker's engine; the others raise ``RequestFailed``)."""
         ...
+
+
+class NoEngineControl:
+    """For the engines of workers that run no generating model of their own (an encode worker,
+    a processor): the control operations answer, each with a clear refusal naming ``kind``."""
+
+    kind = "this worker"
+
+    async def reset_prefix_cache(self) -> None:
+        return None
+
+    async def sleep(self, level: int) -> None:
+        from ..errors import RequestFailed
+
+        raise RequestFailed(f"{self.kind} does not sleep")
+
+    async def wake_up(self, tags: list[str] | None) -> None:
+        from ..errors import RequestFailed
+
+        raise RequestFailed(f"{self.kind} does not sleep")
+
+    async def add_lora(self, adapter: LoraAdapter) -> None:
+        from ..errors import RequestFailed
+
+        raise RequestFailed(f"{self.kind} takes no LoRA adapters")
+
+    async def remove_lora(self, lora_id: int) -> None:
+        from ..errors import RequestFailed
+
+        raise RequestFailed(f"{self.kind} takes no LoRA adapters")

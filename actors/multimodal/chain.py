@@ -32,7 +32,7 @@ import trio
 
 from supervisor.client import CallError, open_call
 
-from ..engine.base import EngineInfo, EngineRequest, LoraAdapter, StepOutput, Stream
+from ..engine.base import EngineInfo, EngineRequest, NoEngineControl, StepOutput, Stream
 from ..errors import EngineDead, ErrorCode, RequestError, RequestFailed, as_request_error
 from ..frontend.instances import Instance, Instances
 from ..frontend.models import FrontendModels, RoutedStream
@@ -65,10 +65,11 @@ def multimodal_role(instance: Instance) -> str | None:
     return str(role) if role else None
 
 
-class MultimodalChain:
+class MultimodalChain(NoEngineControl):
     """A processor's engine (see the module's doc)."""
 
     name = "multimodal-chain"
+    kind = "a processor"
 
     def __init__(self, models: FrontendModels, encoders: Instances, options: ChainOptions) -> None:
         self.models = models
@@ -135,6 +136,10 @@ class MultimodalChain:
     async def _prepare(self, request_id: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The request as the generating worker takes it, and the embeddings' transfer form
         (to release at the end), if any."""
+        if not self.generators.by_id:
+            raise RequestError(ErrorCode.UNAVAILABLE, "no worker to generate with (--multimodal-worker or "
+                               "--multimodal-encode-prefill-worker) is registered yet", migratable=True,
+                               retry_after=1.0)
         section = payload.get("multi_modal")
         if not isinstance(section, Mapping) or "images" not in section:
             return payload, None  # text only, or embeddings already: straight to a PD worker
@@ -207,21 +212,6 @@ class MultimodalChain:
     async def check_health(self) -> None:
         if self._nursery is None:
             raise EngineDead("the processor's chain is not running")
-
-    async def reset_prefix_cache(self) -> None:
-        return None
-
-    async def sleep(self, level: int) -> None:
-        raise RequestFailed("a processor does not sleep (its workers do)")
-
-    async def wake_up(self, tags: list[str] | None) -> None:
-        raise RequestFailed("a processor does not sleep (its workers do)")
-
-    async def add_lora(self, adapter: LoraAdapter) -> None:
-        raise RequestFailed("a processor takes no LoRA adapters")
-
-    async def remove_lora(self, lora_id: int) -> None:
-        raise RequestFailed("a processor takes no LoRA adapters")
 
     async def encode(self, images: list[Any]) -> Any:
         raise RequestFailed("a processor does not encode images (its encode workers do)")

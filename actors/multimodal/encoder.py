@@ -22,7 +22,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from ..engine.actor import EngineRef
-from ..engine.base import EngineInfo, EngineRequest, LoraAdapter, Stream
+from ..engine.base import EngineInfo, EngineRequest, NoEngineControl, Stream
 from ..errors import EngineDead, RequestFailed, invalid
 from .inputs import MAX_IMAGES
 from .media import open_image
@@ -34,10 +34,11 @@ _log = structlog.get_logger("actors.multimodal.encoder")
 CACHE_BYTES = 256 * 1024 * 1024  # embeddings kept for images seen again
 
 
-class VisionEncoder:
+class VisionEncoder(NoEngineControl):
     """An engine that encodes images (see the module's doc); it does not generate."""
 
     name = "vision-encoder"
+    kind = "an encode worker"
 
     def __init__(self, model_dir: str, served_name: str | None = None) -> None:
         self.model_dir = model_dir
@@ -106,21 +107,6 @@ class VisionEncoder:
     async def check_health(self) -> None:
         if self._model is None:
             raise EngineDead("the vision encoder is not loaded")
-
-    async def reset_prefix_cache(self) -> None:
-        return None
-
-    async def sleep(self, level: int) -> None:
-        raise RequestFailed("an encode worker does not sleep")
-
-    async def wake_up(self, tags: list[str] | None) -> None:
-        raise RequestFailed("an encode worker does not sleep")
-
-    async def add_lora(self, adapter: LoraAdapter) -> None:
-        raise RequestFailed("an encode worker takes no LoRA adapters")
-
-    async def remove_lora(self, lora_id: int) -> None:
-        raise RequestFailed("an encode worker takes no LoRA adapters")
 
 
 class EmbeddingCache:
