@@ -42,6 +42,7 @@ from .errors import ConfigError
 from .http import BoundSocket
 from .planes.discovery import Discovery, FileDiscovery, MemDiscovery
 from .planes.events import EventPublisher, ZmqEventPublisher, make_event_publisher
+from .planes.events_nats import NatsEventPublisher
 from .planes.servers import etcd_endpoints_for, nats_servers_for
 from .signals import Lifecycle
 from .tree import ActorRegistry, ChildSpec, Restart, Strategy, Supervisor
@@ -344,6 +345,10 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
     children = [
         # first up, last down: /live answers while everything else starts and stops
         ChildSpec("system", system.run, Restart.PERMANENT, shutdown=1.0),
+    ]
+    if isinstance(events, NatsEventPublisher):  # its connection (what is published queues in the process)
+        children.append(ChildSpec("event_plane", events.run, Restart.PERMANENT, shutdown=2.0))
+    children += [
         ChildSpec("engine", EngineActor(backend, engine, on_ready=engine_ready).run, Restart.TEMPORARY,
                   shutdown=10.0, significant=True),
         ChildSpec("health", monitor.run, Restart.PERMANENT, shutdown="brutal"),
@@ -381,6 +386,8 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
             if isinstance(events, ZmqEventPublisher):
                 host = events.host if events.host not in ("0.0.0.0", "::") else advertised
                 extra["event_plane"] = f"tcp://{host}:{events.port}"
+            elif isinstance(events, NatsEventPublisher):
+                extra["event_plane"] = "nats"  # the namespace's subjects on the NATS servers
             if info is not None:
                 extra["model_card"] = handlers.card_source(info)[0].to_json() if handlers.card_source else None
             return extra
@@ -471,7 +478,8 @@ def build_frontend_tree(config: Config, registry: ActorRegistry, lifecycle: Life
         ChildSpec("watcher", watcher.run, Restart.PERMANENT, shutdown=1.0),
     ]
     if config.router_mode == "kv" and config.kv_events:
-        subscriber = EventSubscriber(instances, index, config.namespace, nats_servers=nats)
+        subscriber = EventSubscriber(instances, index, config.namespace, nats_servers=nats,
+                                     transport=config.event_plane, durable=config.durable_kv_events)
         children.append(ChildSpec("events", subscriber.run, Restart.PERMANENT, shutdown=1.0))
     children.append(http.spec())
     root = Supervisor(children, Strategy.ONE_FOR_ONE, intensity=20, period=1.0)

@@ -1,6 +1,10 @@
 """The frontend's ear on its workers' event planes: KV events into the router's index,
 load metrics onto the instances.
 
+With ``--event-plane nats`` the frontend subscribes to the same subjects on NATS (and,
+with ``--durable-kv-events``, reads the KV events from the namespace's JetStream stream,
+from its start). Otherwise:
+
 One ZMQ SUB socket, connected to the event plane address each worker registered
 (``event_plane``; connected and disconnected as workers come and go), subscribed to
 ``{namespace}.kv-events`` and ``{namespace}.kv_metrics``. A worker's KV events are
@@ -11,11 +15,13 @@ the worker's ``kv_index`` endpoint says what it holds and the index is rebuilt f
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 import trio
+import trio_asyncio
 import zmq
 
 from supervisor.client import open_call
@@ -34,14 +40,23 @@ class EventSubscriber:
     """``ChildSpec("events", EventSubscriber(...).run)``."""
 
     def __init__(self, instances: Instances, index: KvIndex, namespace: str, *,
-                 nats_servers: Sequence[str] = ()) -> None:
+                 nats_servers: Sequence[str] = (), transport: str = "zmq", durable: bool = False) -> None:
         self.instances = instances
         self.index = index
         self.namespace = namespace
         self.nats_servers = list(nats_servers)
+        self.transport = transport
+        self.durable = durable
         self.resyncs = 0
 
+    @property
+    def subjects(self) -> tuple[str, str]:
+        return f"{self.namespace}.kv-events", f"{self.namespace}.kv_metrics"
+
     async def run(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        if self.transport == "nats":
+            await self._run_nats(ctx, task_status=task_status)
+            return
         sub = zmq_trio.socket(zmq.SUB, rcvhwm=100_000)
         for subject in (f"{self.namespace}.kv-events", f"{self.namespace}.kv_metrics"):
             sub.setsockopt(zmq.SUBSCRIBE, subject.encode())
@@ -58,6 +73,69 @@ class EventSubscriber:
         finally:
             zmq_trio.close(sub)
 
+    async def _run_nats(self, ctx: ActorContext, *, task_status: TaskStatus) -> None:
+        """The same subjects on NATS; with ``durable``, the KV events from the namespace's
+        JetStream stream, replayed from its start (a frontend started late learns what the
+        workers already cache)."""
+        from supervisor.planes.events_nats import ensure_kv_stream, kv_events_stream
+        from supervisor.planes.servers import close_nats, connect_nats
+
+        closed = trio.Event()
+        incoming_send, incoming_recv = trio.open_memory_channel[tuple[str, bytes, bool]](math.inf)
+        nc = await connect_nats(self.nats_servers, name=f"frontend events {self.namespace}", closed=closed)
+        try:
+            async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
+                incoming_send.send_nowait((msg.subject, msg.data, False))
+
+            async def on_stored(msg: Any) -> None:  # from the stream: the last replayed one says so
+                pending = getattr(getattr(msg, "metadata", None), "num_pending", None)
+                incoming_send.send_nowait((msg.subject, msg.data, pending == 0))
+
+            kv_subject, metrics_subject = self.subjects
+            await trio_asyncio.aio_as_trio(nc.subscribe)(metrics_subject, cb=on_message)
+            if self.durable:
+                from nats.js.api import DeliverPolicy
+
+                js = nc.jetstream()
+                await ensure_kv_stream(js, self.namespace)
+                info = await trio_asyncio.aio_as_trio(js.stream_info)(kv_events_stream(self.namespace))
+                await trio_asyncio.aio_as_trio(js.subscribe)(kv_subject, cb=on_stored, ordered_consumer=True,
+                                                             deliver_policy=DeliverPolicy.ALL)
+                if not info.state.messages:
+                    ctx.log.info("frontend.events_caught_up", replayed=0)
+            else:
+                await trio_asyncio.aio_as_trio(nc.subscribe)(kv_subject, cb=on_message)
+            ctx.log.info("frontend.events_subscribed", transport="nats", durable=self.durable,
+                         servers=self.nats_servers)
+            task_status.started()
+            stored, announced = 0, False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forget_departed)
+                while True:
+                    with trio.move_on_after(1.0):
+                        subject, payload, last_stored = await incoming_recv.receive()
+                        self._handle(ctx, nursery, subject, payload)
+                        stored += subject == kv_subject
+                        if last_stored and not announced:
+                            ctx.log.info("frontend.events_caught_up", replayed=stored)
+                            announced = True
+                    if closed.is_set():
+                        raise ConnectionError("the connection to NATS was closed (reconnect attempts exhausted)")
+        finally:
+            with ctx.cleanup_scope():
+                await close_nats(nc)
+
+    async def _forget_departed(self) -> None:
+        """NATS has no per-worker connection to drop: forget a worker's blocks when it leaves."""
+        known = set(self.instances.by_id)
+        while True:
+            changed = self.instances.changed
+            await changed.wait()
+            now = set(self.instances.by_id)
+            for gone in known - now:
+                self.index.forget(gone)
+            known = now
+
     async def _keep_connected(self, sub: Any, connected: dict[str, str]) -> None:
         while True:
             changed = self.instances.changed
@@ -65,7 +143,8 @@ class EventSubscriber:
             await changed.wait()
 
     def _follow(self, sub: Any, connected: dict[str, str]) -> None:
-        want = {i.id: i.event_plane for i in self.instances.by_id.values() if i.event_plane}
+        want = {i.id: i.event_plane for i in self.instances.by_id.values()
+                if i.event_plane and i.event_plane.startswith("tcp://")}
         for iid, address in list(connected.items()):
             if want.get(iid) != address:
                 try:

@@ -225,7 +225,7 @@ def _check_multimodal(s: _Settings, role: str, multimodal_role: str | None) -> b
 NOT_AVAILABLE_YET: Mapping[str, tuple[str, ...]] = {
     "role": (),
     "request_plane": (),
-    "event_plane": ("nats",),
+    "event_plane": (),
 }
 _ALL_VALUES: Mapping[str, tuple[str, ...]] = {
     "role": envs.ROLES, "request_plane": envs.REQUEST_PLANES, "event_plane": envs.EVENT_PLANES,
@@ -246,9 +246,9 @@ def check_startable(config: Config, environ: Mapping[str, str] | None = None) ->
             available = [v for v in _ALL_VALUES[field_name] if v not in missing]
             raise ConfigError(f"{_named(config, field_name)} {value}{_origin(config, field_name)}: not available "
                               f"yet (available: {', '.join(available)})")
-    if config.durable_kv_events:
+    if config.durable_kv_events and config.event_plane != "nats":
         raise ConfigError(f"--durable-kv-events{_origin(config, 'durable_kv_events')}: needs the NATS event plane "
-                          "(JetStream), and --event-plane nats is not available yet")
+                          f"(JetStream): add --event-plane nats")
     for field_name in ("tool_call_parser", "reasoning_parser"):
         if getattr(config, field_name):
             raise ConfigError(f"{_named(config, field_name)}{_origin(config, field_name)}: not available yet "

@@ -7,7 +7,9 @@ payload)``. Implementations:
   loopback at construction; each message is two frames ``[subject, payload]``,
   so subscribers filter by subject prefix with ``zmq.SUBSCRIBE``.
 - :class:`MemoryEventPublisher`: keeps what it was given, for tests.
-- NATS (``--event-plane nats``) plugs in through :func:`register_event_plane`.
+- :class:`~supervisor.planes.events_nats.NatsEventPublisher` (``--event-plane nats``):
+  NATS subjects, KV events in JetStream with ``--durable-kv-events``; its connection is
+  an actor of the tree (``event_plane``).
 
 A publisher is owned by the process, not by an actor: actors that publish
 come and go, subscribers keep their connection.
@@ -140,7 +142,15 @@ def _zmq_factory(config: Any) -> EventPublisher:
     return publisher
 
 
-_FACTORIES: dict[str, EventPlaneFactory] = {"zmq": _zmq_factory}
+def _nats_factory(config: Any) -> EventPublisher:
+    from .events_nats import NatsEventPublisher
+    from .servers import nats_servers_for
+
+    return NatsEventPublisher(nats_servers_for(config), getattr(config, "namespace", "dynamo"),
+                              durable=bool(getattr(config, "durable_kv_events", False)))
+
+
+_FACTORIES: dict[str, EventPlaneFactory] = {"zmq": _zmq_factory, "nats": _nats_factory}
 
 
 def register_event_plane(name: str, factory: EventPlaneFactory) -> None:

@@ -252,3 +252,52 @@ def test_one_request_id_from_the_client_through_the_worker(deployment: Deploymen
                               (worker, {"request.started", "request.finished"})):
         seen = {e["event"] for e in process.events() if e.get("request_id") == "trace-42"}
         assert expected <= seen, (process.args, seen)
+
+
+@pytest.mark.parametrize("deployment", [("--router-mode", "random"), ("--router-mode", "power-of-two")],
+                         indirect=True, ids=["random", "power-of-two"])
+def test_the_other_router_modes_spread_the_load(deployment: Deployment) -> None:
+    workers = [deployment.add_worker(), deployment.add_worker()]
+    frontend = deployment.start_frontend()
+    wait_until(lambda: sum(e["event"] == "frontend.worker_added" for e in frontend.events()) >= 2, 20,
+               "the frontend to see both workers")
+    client = deployment.client()
+    for i in range(16):
+        reply = client.completions.create(model="synthetic", prompt=f"spread {i}", max_tokens=3)
+        assert reply.choices[0].text == text(f"spread {i}".encode(), 3)
+    routed = [e for e in frontend.events() if e["event"] == "request.routed"]
+    assert {e["mode"] for e in routed} == {deployment.frontend_args[1]}
+    assert {e["worker"] for e in routed} == {_instance(w) for w in workers}
+
+
+@pytest.mark.parametrize("deployment", [("--active-prefill-tokens-threshold", "10")], indirect=True)
+def test_busy_workers_get_no_more_work_and_the_client_is_told_when_to_retry(deployment: Deployment) -> None:
+    """A worker prefilling more prompt tokens than the threshold is busy; with every worker busy
+    the frontend answers 503 with Retry-After, and serves again once the prefill is done."""
+    # 20 prompt tokens at 0.1 s each: two seconds of prefill
+    deployment.add_worker("--synthetic-prefill-us-per-token", "100000")
+    frontend = deployment.start_frontend()
+    client = deployment.client()
+    first_token = threading.Event()
+
+    def slow() -> None:
+        for chunk in client.completions.create(model="synthetic", prompt="twenty bytes of text", max_tokens=3,
+                                               stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                first_token.set()
+
+    runner = threading.Thread(target=slow)
+    runner.start()
+    try:
+        wait_until(lambda: any(e["event"] == "request.routed" for e in frontend.events()), 10,
+                   "the slow request to be routed")
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="synthetic", prompt="x", max_tokens=1)
+        refused_while_prefilling = not first_token.is_set()
+    finally:
+        runner.join(30)
+    assert refused_while_prefilling
+    assert caught.value.status_code == 503 and "busy" in caught.value.message
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert first_token.is_set()  # the busy worker's own request was served
+    assert client.completions.create(model="synthetic", prompt="x", max_tokens=1).choices[0].text == text(b"x", 1)

@@ -79,12 +79,9 @@ SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
      "error: --multimodal-processor: --model TEXT_MODEL cannot serve images: it has no vision tower "
      "(LlamaForCausalLM: no vision_config and image token in its config.json)"),
     ("durable-kv-events", ["--durable-kv-events"], {},
-     "error: --durable-kv-events: needs the NATS event plane (JetStream), and --event-plane nats is not "
-     "available yet"),
+     "error: --durable-kv-events: needs the NATS event plane (JetStream): add --event-plane nats"),
     ("tool-call-parser", ["--dyn-tool-call-parser", "hermes"], {},
      "error: --dyn-tool-call-parser: not available yet (tool calls and reasoning are returned as content)"),
-    ("event-plane-nats", ["--event-plane", "nats"], {},
-     "error: --event-plane nats: not available yet (available: zmq)"),
 ]
 
 
@@ -118,7 +115,8 @@ def test_build_tree_refuses_with_the_same_line() -> None:
     """Start's own check, for callers that build a tree without the CLI."""
     from supervisor.roles import build_tree
 
-    for args, expected in ((["--event-plane", "nats"], "--event-plane nats: not available yet (available: zmq)"),
+    for args, expected in ((["--durable-kv-events"], "--durable-kv-events: needs the NATS event plane (JetStream): "
+                                                     "add --event-plane nats"),
                            (["--role", "encode", "--enable-multimodal"], f"--role encode: {NO_VISION}")):
         config = parse_args(["--engine", "synthetic", *args], {})
         with pytest.raises(ConfigError) as info:

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import start_vllm_worker
+from tests.integration.test_logs_every_line import assert_every_line_is_an_event
 from tests.procs import Worker, wait_until, worker_fixture
 
 pytestmark = pytest.mark.vllm
@@ -61,7 +62,19 @@ def test_a_killed_workers_stream_continues_on_the_other(tiny_model: Path, tmp_pa
                    "the frontend to say it moved the stream")
         moved = next(e for e in frontend.events() if e["event"] == "request.migrating")
         assert moved["streamed"] >= 49 and moved["reason"] in ("disconnected", "engine_dead", "stream_broken")
+        # the client's request id is on the frontend's events and on the surviving worker's
+        traced = client.completions.with_raw_response.create(**{**kw, "max_tokens": 4},
+                                                             extra_headers={"x-request-id": "traced-through"})
+        assert traced.headers["x-request-id"] == "traced-through"
+        survivor = next(w for w in workers if w.proc.poll() is None)
+        wait_until(lambda: any(e.get("request_id") == "traced-through" and e["event"] == "request.finished"
+                               for e in survivor.events()), 10, "the worker's events of the traced request")
+        assert any(e.get("request_id") == "traced-through" and e["event"] == "request.routed"
+                   for e in frontend.events())
     finally:
         frontend_gen.close()
         for g in gens:
             g.close()
+    # every line the frontend and the workers wrote is an event, the killed worker's included
+    for w in (frontend, *workers):
+        assert_every_line_is_an_event(w)

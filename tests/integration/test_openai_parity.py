@@ -180,3 +180,75 @@ def test_guided_json_is_valid_against_its_schema(vllm_worker: Worker, tiny_model
         extra_body={"guided_json": SCHEMA})
     data = json.loads(reply.choices[0].message.content)
     assert data["answer"] in ("yes", "no", "maybe") and 0 <= data["n"] <= 9 and set(data) == {"answer", "n"}
+
+
+def test_echo_with_logprobs(clients: Any, tiny_model: Path) -> None:
+    a, b = both(clients, "completions", model=str(tiny_model), prompt="the cat sat on", max_tokens=4,
+                temperature=0, echo=True, logprobs=1)
+    assert choices(a, False) == choices(b, False) and usage(a) == usage(b)
+    assert a.choices[0].text.startswith("the cat sat on")
+    ours_lp, theirs_lp = a.choices[0].logprobs, b.choices[0].logprobs
+    assert ours_lp.tokens == theirs_lp.tokens and ours_lp.text_offset == theirs_lp.text_offset
+    assert ours_lp.token_logprobs[0] is None and theirs_lp.token_logprobs[0] is None  # the first prompt token
+    assert all(close(x, y) for x, y in zip(ours_lp.token_logprobs[1:], theirs_lp.token_logprobs[1:], strict=True))
+
+
+def test_prompt_logprobs(clients: Any, tiny_model: Path) -> None:
+    a, b = both(clients, "completions", model=str(tiny_model), prompt="the cat sat on", max_tokens=2,
+                temperature=0, extra_body={"prompt_logprobs": 2})
+    ours_p, theirs_p = a.choices[0].model_extra["prompt_logprobs"], b.choices[0].model_extra["prompt_logprobs"]
+    assert len(ours_p) == len(theirs_p) and ours_p[0] is None and theirs_p[0] is None
+    for mine, vllms in zip(ours_p[1:], theirs_p[1:], strict=True):
+        assert set(mine) == set(vllms)  # the same candidate token ids, each with its rank and text
+        for token_id, entry in vllms.items():
+            assert mine[token_id]["rank"] == entry["rank"] and mine[token_id]["decoded_token"] == entry["decoded_token"]
+            assert close(mine[token_id]["logprob"], entry["logprob"])
+
+
+def test_continuous_usage_in_a_stream(clients: Any, tiny_model: Path) -> None:
+    seen = []
+    for client in clients:
+        stream = client.chat.completions.create(
+            model=str(tiny_model), messages=[{"role": "user", "content": "hello there"}], max_tokens=6,
+            temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(stream)
+        with_choices = [c for c in chunks if c.choices]
+        assert with_choices and all(c.usage is not None for c in with_choices)
+        # completion tokens grow to the end; the prompt's count never changes
+        counts = [c.usage.completion_tokens for c in with_choices]
+        assert counts == sorted(counts) and len({c.usage.prompt_tokens for c in with_choices}) == 1
+        final = chunks[-1]
+        assert not final.choices and final.usage is not None
+        seen.append((streamed_texts(iter(chunks), True), usage(final)))
+    assert seen[0] == seen[1]
+
+
+def test_seed_and_user_sampled(clients: Any, tiny_model: Path) -> None:
+    a, b = both(clients, "chat", model=str(tiny_model), messages=[{"role": "user", "content": "tell me"}],
+                max_tokens=10, temperature=1.0, seed=1234, user="someone")
+    assert choices(a, True) == choices(b, True) and usage(a) == usage(b)
+
+
+def _error(client: openai.OpenAI, call: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    api = client.completions if call == "completions" else client.chat.completions
+    with pytest.raises(openai.APIStatusError) as caught:
+        api.create(**kw)
+    error = caught.value
+    return error.status_code, {"type": getattr(error, "type", None), "param": getattr(error, "param", None),
+                               "message": error.message}
+
+
+@pytest.mark.parametrize(("call", "kw"), [
+    ("completions", {"model": "no-such-model", "prompt": "x", "max_tokens": 2}),
+    ("completions", {"prompt": "word " * 3000, "max_tokens": 2}),
+    ("completions", {"prompt": "x", "max_tokens": 2, "logprobs": -5}),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "top_logprobs": 2}),
+    ("chat", {"messages": [], "max_tokens": 2}),
+    ("completions", {"prompt": "x", "max_tokens": 2, "priority": 5}),
+], ids=["unknown-model", "prompt-too-long", "negative-logprobs", "top-logprobs-without-logprobs", "no-messages",
+        "priority-without-priority-scheduling"])
+def test_errors_as_vllm_serve_gives_them(clients: Any, tiny_model: Path, call: str, kw: dict[str, Any]) -> None:
+    kw = {"model": str(tiny_model), **kw}
+    (ours_status, ours_body), (their_status, their_body) = (_error(c, call, **kw) for c in clients)
+    assert ours_status == their_status, (ours_body, their_body)
+    assert ours_body.get("type") == their_body.get("type"), (ours_body, their_body)
