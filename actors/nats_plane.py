@@ -34,11 +34,14 @@ and its inbox answers "no responders" for a moment.
 Actors, under the endpoint supervisor::
 
     requests   runs one task per request (the in-flight streams live here)
-    listener   owns the NATS connection and the subscription; hands messages
-               to ``requests``; publishes the replies
+    listener   opens the NATS connection (when there is none) and owns the
+               subscription; hands messages to ``requests``
 
-Killing the listener does not cut the streams in flight: their replies wait
-for the next connection (milliseconds) and then go on.
+Replies go out on the connection, which outlives a killed listener: the
+listener that comes back subscribes again on it, and the streams in flight
+never see a gap. The connection is closed when the supervisor stops the
+listener (shutdown), or replaced when nats-py gives up reconnecting; replies
+wait for the next one.
 """
 
 from __future__ import annotations
@@ -86,8 +89,9 @@ class NatsRequestPlane:
         self.serve = serve
         self.requests: dict[str, RequestControl] = {}
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[Any](math.inf)
-        self._nc: Any = None
-        self._connected = trio.Event()
+        self._nc: Any = None  # the connection, shared by the listener's generations
+        self._closed = trio.Event()  # set when nats-py closes it (reconnects exhausted, or ours)
+        self._connected = trio.Event()  # set while replies can go out on self._nc
         self._reconnected_at = -math.inf  # time.monotonic() of the last reconnect
 
     def children(self) -> list[ChildSpec]:
@@ -98,16 +102,20 @@ class NatsRequestPlane:
 
     # -- listener --------------------------------------------------------------
     async def _listener(self, ctx: ActorContext, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        closed = trio.Event()
-        nc = await connect_nats(self.servers, name=f"worker {self.subject}", closed=closed,
-                                on_reconnect=self._note_reconnect)
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            self._closed = trio.Event()
+            nc = await connect_nats(self.servers, name=f"worker {self.subject}", closed=self._closed,
+                                    on_reconnect=self._note_reconnect)
+            self._nc = nc
+        closed = self._closed
+        sub: Any = None
         try:
             async def on_message(msg: Any) -> None:  # runs in asyncio, same thread
                 self._incoming_send.send_nowait(msg)
 
-            await trio_asyncio.aio_as_trio(nc.subscribe)(self.subject, cb=on_message)
+            sub = await trio_asyncio.aio_as_trio(nc.subscribe)(self.subject, cb=on_message)
             await trio_asyncio.aio_as_trio(nc.flush)()  # subscribed on the server before we register
-            self._nc = nc
             self._connected.set()
             ctx.log.info("request_plane.listening", transport="nats", subject=self.subject,
                          servers=self.servers)
@@ -116,11 +124,18 @@ class NatsRequestPlane:
             raise ConnectionError(f"the connection to NATS at {', '.join(self.servers)} was closed "
                                   "(reconnect attempts exhausted)")
         finally:
-            if self._nc is nc:
-                self._nc = None
-                self._connected = trio.Event()
             with ctx.cleanup_scope():
-                await close_nats(nc)
+                if ctx.stopping or nc.is_closed:  # shutdown, or a dead connection: the next listener opens one
+                    if self._nc is nc:
+                        self._nc = None
+                        self._connected = trio.Event()
+                    await close_nats(nc)
+                elif sub is not None:  # killed: only the subscription goes; replies keep the connection
+                    with trio.move_on_after(2.0):
+                        try:
+                            await trio_asyncio.aio_as_trio(sub.unsubscribe)()
+                        except Exception as exc:  # the connection is failing: its close follows
+                            _log.debug("request_plane.unsubscribe_failed", error=repr(exc), transport="nats")
 
     def _note_reconnect(self) -> None:
         self._reconnected_at = time.monotonic()

@@ -219,6 +219,12 @@ class ActorContext:
     def child_path(self, name: str) -> str:
         return f"{self.path}/{name}"
 
+    @property
+    def stopping(self) -> bool:
+        """True while the supervisor stops this actor on purpose (shutdown, a
+        sibling's restart), False when it crashed or was killed."""
+        return self._cell is not None and self._cell.stopping
+
     def cleanup_scope(self) -> trio.CancelScope:
         """A shielded scope for cleanup after cancellation, bounded by the
         child's ``shutdown`` setting. Use it in ``finally`` blocks."""

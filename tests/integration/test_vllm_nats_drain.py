@@ -4,6 +4,9 @@ listener kill during the drain (all complete, exit 0, deregistered first, nothin
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,24 @@ import trio
 from supervisor.aio import open_asyncio_loop
 from supervisor.client import CallError, NatsCall, make_discovery
 from tests.conftest import start_vllm_worker
+from tests.procs import Worker
 from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
 # long enough to outlast a slow client and the listener kill's round trip (max-model-len 2048)
 TOKENS = 2000
+
+KILLER = ("import sys, httpx; sys.stdin.readline(); r = httpx.post(sys.argv[1], timeout=30); "
+          "print(r.status_code, r.text)")
+
+
+def _started(worker: Worker, count: int, timeout: float = 120.0) -> None:
+    """Wait until the worker has admitted ``count`` requests (its own log says so)."""
+    deadline = time.monotonic() + timeout
+    while sum(e["event"] == "request.started" for e in worker.events()) < count:
+        assert time.monotonic() < deadline, f"the worker did not start {count} requests within {timeout}s"
+        time.sleep(0.05)
 
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
@@ -48,7 +63,6 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                 [record] = await discovery.list(namespace, "backend", "generate")
                 assert record.transport == "nats" and record.runtime_config["block_size"] == 32
                 results: list[Any] = []
-                streaming = trio.Semaphore(0)
 
                 async def stream(i: int) -> None:
                     payload = {"token_ids": [1, 10 + i, 20 + i], "sampling_options": {"temperature": 0.0},
@@ -59,29 +73,41 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                         async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
                                             silence_timeout=120) as call:
                             async for item in call:
-                                if not items:
-                                    streaming.release()
                                 items.append(item)
                         results.append((items[-1]["finish_reason"], sum(len(x["token_ids"]) for x in items)))
                     except CallError as exc:
                         results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
-                    finally:
-                        if not items:
-                            streaming.release()  # never started: do not leave the test waiting
 
-                async with trio.open_nursery() as nursery:
-                    for i in range(8):
-                        nursery.start_soon(stream, i)
-                    for _ in range(8):
-                        await streaming.acquire()
-                    # at once: this client may lag the worker by seconds on two busy cores (the
-                    # worker's draining event below says whether all 8 were still running)
-                    worker.signal(signal.SIGTERM)
-                    # the listener (the NATS connection) dies during the drain, and comes back
-                    killed = await trio.to_thread.run_sync(
-                        lambda: worker.post("/debug/actors/root/endpoint/listener/kill"))
-                    assert killed.status_code == 200
-                assert results == [("length", TOKENS)] * 8
+                # the kill comes from a process started now and told when: starting one (or a thread)
+                # from this busy process can take seconds
+                killer = await trio.lowlevel.open_process(
+                    [sys.executable, "-c", KILLER, worker.url("/debug/actors/root/endpoint/listener/kill")],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for i in range(8):
+                            nursery.start_soon(stream, i)
+                        await trio.to_thread.run_sync(_started, worker, 8)
+                        worker.signal(signal.SIGTERM)
+                        # the listener (the NATS connection) dies during the drain, and comes back
+                        await killer.stdin.send_all(b"kill\n")
+                        answer = b""
+                        while chunk := await killer.stdout.receive_some():
+                            answer += chunk
+                        if not answer.startswith(b"200 "):
+                            told = [(e["timestamp"], e["event"]) for e in worker.events() if e["event"].startswith(
+                                ("actor.crashed", "actor.stopped", "shutdown.", "requests.", "request.", "signal."))]
+                            pytest.fail(f"kill: {answer!r}\nworker: {told}")
+                    assert await killer.wait() == 0
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if killer.poll() is None:
+                            killer.kill()
+                        await killer.wait()
+                if results != [("length", TOKENS)] * 8:  # say what the worker did meanwhile
+                    told = [e for e in worker.events() if e["event"].startswith(
+                        ("actor.", "nats.", "shutdown.", "request_plane.", "requests.", "endpoint."))]
+                    pytest.fail(f"streams: {results}\nworker: {told}")
                 with trio.fail_after(60):
                     assert await discovery.list(namespace, "backend", "generate") == []  # deregistered
                     await discovery.aclose()
