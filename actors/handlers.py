@@ -47,7 +47,7 @@ _SAMPLING_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "min_p": ("min_p", (int, float)),
     "seed": ("seed", int),
 }
-_GUIDED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+_GUIDED_KEYS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 # how the constraint is applied (vLLM's StructuredOutputsParams options), alongside one of the above
 _GUIDED_OPTIONS = {"disable_any_whitespace": bool, "disable_additional_properties": bool, "whitespace_pattern": str}
 
@@ -110,12 +110,12 @@ def build_sampling(payload: Mapping[str, Any], info: EngineInfo, *, prompt_len: 
             raise invalid("sampling_options.guided_decoding must be an object")
         chosen = {k: guided[k] for k in _GUIDED_KEYS if guided.get(k) not in (None, False)}
         if len(chosen) > 1:
-            raise invalid(f"sampling_options.guided_decoding: give one of json, regex, choice, grammar, "
-                          f"json_object, not {sorted(chosen)}")
+            raise invalid(f"sampling_options.guided_decoding: give one of {', '.join(_GUIDED_KEYS)}, "
+                          f"not {sorted(chosen)}")
         if "choice" in chosen and (not isinstance(chosen["choice"], list) or not chosen["choice"]
                                    or not all(isinstance(c, str) for c in chosen["choice"])):
             raise invalid("sampling_options.guided_decoding.choice must be a non-empty list of strings")
-        for key in ("regex", "grammar"):
+        for key in ("regex", "grammar", "structural_tag"):  # structural_tag: xgrammar's, as JSON text
             if key in chosen and not isinstance(chosen[key], str):
                 raise invalid(f"sampling_options.guided_decoding.{key} must be a string")
         if "json" in chosen and not isinstance(chosen["json"], dict | str):

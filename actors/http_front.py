@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ErrorCode, RequestError
 from .handlers import Handlers
+from .openai.parsing import ChatParsers
 from .openai.server import OutputStream, ServedModel
 
 __all__ = ["WorkerModels"]
@@ -25,15 +26,17 @@ OWNER = "llm-supervisor"
 class WorkerModels:
     """:class:`~actors.openai.server.ModelBackend` over this worker's engine."""
 
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: Handlers, parsers: ChatParsers | None = None) -> None:
         self.handlers = handlers
+        self.parsers = parsers or ChatParsers()
 
     async def serving(self, model: str | None, endpoint: str = "completions") -> ServedModel:
         info = await self.handlers.info()
         if model is None or model == info.model:
-            return ServedModel(info.model, info.max_model_len, takes_messages=self.handlers.prompts is not None)
+            return ServedModel(info.model, info.max_model_len, takes_messages=self.handlers.prompts is not None,
+                               parsers=self.parsers)
         if model in self.handlers.loras.adapters:
-            return ServedModel(model, info.max_model_len, adapter=model)
+            return ServedModel(model, info.max_model_len, adapter=model, parsers=self.parsers)
         raise RequestError(ErrorCode.NOT_FOUND, f"The model `{model}` does not exist.", param="model")
 
     async def models(self) -> list[dict[str, Any]]:

@@ -36,6 +36,9 @@ class ModelCard:
     tokenizer: str  # "hf": the model's own (fetch its files); "bytes": the synthetic engine's bytes-as-tokens
     vocab_size: int = 0
     files: tuple[str, ...] = field(default_factory=tuple)
+    # vLLM's parsers for the model's chat answers (--dyn-tool-call-parser, --dyn-reasoning-parser)
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

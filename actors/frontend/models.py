@@ -30,6 +30,7 @@ from supervisor.client import Call, CallError, HttpCall, NatsCall, open_call
 
 from ..engine.base import StepOutput
 from ..errors import ErrorCode, RequestError
+from ..openai.parsing import ChatParsers
 from ..openai.server import OutputStream, ServedModel
 from .instances import Instance, Instances
 from .metrics import FrontendMetrics
@@ -97,8 +98,10 @@ class FrontendModels:
                                f"({served.fetch_error if served else 'no worker offered it'})")
         # a multimodal processor builds the prompt (and fetches the images) itself
         takes_messages = any(i.runtime.get("input") == "messages" for i in self.instances.serving(name))
-        return ServedModel(model or name, served.card.context_length, adapter=adapter, tokenizer=served.tokenizer,
-                           takes_messages=takes_messages)
+        card = served.card
+        return ServedModel(model or name, card.context_length, adapter=adapter, tokenizer=served.tokenizer,
+                           takes_messages=takes_messages,
+                           parsers=ChatParsers(card.tool_call_parser, card.reasoning_parser))
 
     async def models(self) -> list[dict[str, Any]]:
         now = int(time.time())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.base import StepOutput
+from .parsing import ChatParsing, ChoiceParser
 from .request import OpenAICall, Prompt
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -54,15 +55,21 @@ class _Choice:
     lp_top: list[dict[str, float] | None] = field(default_factory=list)
     lp_offsets: list[int] = field(default_factory=list)
     chat_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # kept when a parser reads the answer
+    parser: ChoiceParser | None = None  # tool calls and reasoning (actors.openai.parsing)
+    pieces: list[str] = field(default_factory=list)  # the last output's text, token by token (for the parser)
 
 
 class Renderer:
-    def __init__(self, call: OpenAICall, model: str, tokenizer: Tokenizer) -> None:
+    def __init__(self, call: OpenAICall, model: str, tokenizer: Tokenizer,
+                 parsing: ChatParsing | None = None) -> None:
         self.call = call
         self.model = model
         self.tokenizer = tokenizer
+        self.parsing = parsing if call.chat else None
         self.choices: list[_Choice] = [
-            _Choice(p * call.n + s, prompt, None)
+            _Choice(p * call.n + s, prompt, None,
+                    parser=self.parsing.choice(prompt.token_ids) if self.parsing else None)
             for p, prompt in enumerate(call.prompts) for s in range(call.n)
         ]
         self.prompt_logprobs: dict[int, list[Any]] = {}
@@ -75,6 +82,13 @@ class Renderer:
         return self.choices[prompt_index * self.call.n + out.index]
 
     def _text(self, choice: _Choice, out: StepOutput) -> str:
+        if choice.parser is not None:
+            # a parser reads the stream token by token (as vllm serve's engine loop feeds it): an
+            # output that carries several tokens is cut into each one's text
+            if choice.detok is None:
+                choice.detok = IncrementalDetokenizer(self.tokenizer)
+            choice.pieces = [choice.detok.add([token]) for token in out.token_ids]
+            return "".join(choice.pieces)
         if out.text is not None:
             return out.text
         if choice.detok is None:
@@ -105,6 +119,8 @@ class Renderer:
                         *tops]
         choice.text.append(delta)
         choice.tokens += len(out.token_ids)
+        if choice.parser is not None:
+            choice.token_ids += out.token_ids
         if out.finish_reason is not None:
             choice.finish = finish_reason(out.finish_reason)
             choice.stop_reason = out.stop_reason
@@ -196,9 +212,17 @@ class Renderer:
         choice, delta, logprobs = self.take(prompt_index, out)
         if not delta and not out.token_ids and out.finish_reason is None:
             return []  # nothing new (a prefill step)
+        finished = out.finish_reason is not None
         entry: dict[str, Any] = {"index": choice.index, "logprobs": logprobs,
-                                 "finish_reason": choice.finish if out.finish_reason is not None else None}
-        if self.call.chat:
+                                 "finish_reason": choice.finish if finished else None}
+        if choice.parser is not None:
+            parsed = choice.parser.deltas(choice.pieces, out.token_ids, finished)
+            if finished:
+                entry["finish_reason"] = choice.parser.finish_reason(choice.finish or "stop")
+            if parsed is None and not finished:
+                return []  # the parser holds it back (the start of a tool call or a tag)
+            entry["delta"] = _with_reasoning_alias(parsed or {})
+        elif self.call.chat:
             entry["delta"] = {"content": delta}
         else:
             entry["text"] = delta
@@ -230,9 +254,15 @@ class Renderer:
             text = "".join(choice.text)
             if self.call.chat:
                 chat_logprobs = {"content": choice.chat_logprobs} if self.call.logprobs is not None else None
-                message = {"role": "assistant", "content": text, "tool_calls": []}
+                message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
+                finish = choice.finish
+                if choice.parser is not None:
+                    reasoning, content, tool_calls = choice.parser.whole(text, choice.token_ids)
+                    message = _with_reasoning_alias({"role": "assistant", "content": content,
+                                                     "tool_calls": tool_calls, "reasoning": reasoning})
+                    finish = choice.parser.finish_reason(finish or "stop")
                 choices.append({"index": choice.index, "message": message, "logprobs": chat_logprobs,
-                                "finish_reason": choice.finish, "stop_reason": choice.stop_reason})
+                                "finish_reason": finish, "stop_reason": choice.stop_reason})
             else:
                 logprobs: dict[str, Any] | None = None
                 if self.call.logprobs is not None:
@@ -246,6 +276,14 @@ class Renderer:
                                 "prompt_logprobs": _vllm_prompt_logprobs(prompt_lp)})
         return {"id": self.call.request_id, "object": "chat.completion" if self.call.chat else "text_completion",
                 "created": self.call.created, "model": self.model, "choices": choices, "usage": self.usage()}
+
+
+def _with_reasoning_alias(message: dict[str, Any]) -> dict[str, Any]:
+    """vLLM 0.32 names a message's reasoning ``reasoning``; Dynamo and older vLLM clients read
+    ``reasoning_content``: both are given."""
+    if message.get("reasoning") is not None:
+        message["reasoning_content"] = message["reasoning"]
+    return message
 
 
 def _vllm_prompt_logprobs(entries: list[Any] | None) -> list[Any] | None:

@@ -37,6 +37,7 @@ from supervisor.tree import ActorContext, ChildSpec, Restart, TaskStatus
 from ..engine.base import StepOutput
 from ..errors import ErrorCode, RequestError
 from ..pipeline import AbortReason, RequestControl, RequestPipeline, Ticket
+from .parsing import ChatParsers, ChatParsing
 from .render import Renderer
 from .request import OpenAICall, Prompt, messages_payload, parse_call, prompt_payload, tokenize
 from .tokenizer import Tokenizer, TokenizerRunner
@@ -66,6 +67,8 @@ class ServedModel:
     tokenizer: Tokenizer | None = None  # the model's own, when the server serves several (else the server's)
     # the backend builds the prompt from the chat messages itself (a multimodal processor)
     takes_messages: bool = False
+    # vLLM's tool-call and reasoning parsers for its chat answers (--dyn-tool-call-parser ...)
+    parsers: ChatParsers = field(default_factory=ChatParsers)
 
 
 class OutputStream(Protocol):
@@ -326,13 +329,20 @@ class OpenAIServer:
                                    "images) only: use /v1/chat/completions", param="prompt")
             call.prompts = [Prompt([])]  # the backend tokenizes; usage comes from its answer
             payloads = [messages_payload(call)]
-        else:
-            call.prompts = await tokenize(call, self.runner(tokenizer))
+        parsing: ChatParsing | None = None
+        if not served.takes_messages:
+            if call.chat and (served.parsers or call.body.get("tools") or call.body.get("tool_choice")):
+                # vLLM's parsers import vLLM the first time: not on the event loop
+                directory = getattr(tokenizer, "directory", None)
+                parsing = await trio.to_thread.run_sync(ChatParsing.for_request, call.body, served.parsers, directory)
+            call.prompts = await tokenize(call, self.runner(tokenizer), parsing.chat_kwargs if parsing else None)
             payloads = [prompt_payload(call, prompt, max_model_len=served.max_model_len) for prompt in call.prompts]
-            if served.adapter is not None:
-                for payload in payloads:
+            for payload in payloads:
+                if served.adapter is not None:
                     payload["model"] = served.adapter
-        renderer = Renderer(call, served.name, tokenizer)
+                if parsing is not None and parsing.guided:  # the call the answer must be (a named tool...)
+                    payload["sampling_options"]["guided_decoding"] = parsing.guided
+        renderer = Renderer(call, served.name, tokenizer, parsing)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, exchange, ticket.control)
             if call.stream:

@@ -64,6 +64,7 @@ class HfTokenizer:
 
         self.tok = AutoTokenizer.from_pretrained(model)
         self.chat_template = chat_template
+        self.directory = model  # its files (vLLM's tool and reasoning parsers load their own view)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text))

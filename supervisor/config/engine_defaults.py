@@ -270,3 +270,11 @@ def _apply_multimodal(engine_args: dict[str, Any], engine_sources: dict[str, Sou
     """A PD or decode worker takes the embeddings of an encode worker (still images too)."""
     if engine == "vllm" and multimodal_role in _EMBEDDING_ROLES:
         _set_default(engine_args, engine_sources, "enable_mm_embeds", True)
+
+
+def _apply_reasoning(engine_args: dict[str, Any], engine_sources: dict[str, Source], *,
+                     reasoning_parser: str | None, source: Source, engine: str) -> None:
+    """--dyn-reasoning-parser tells vLLM's engine too, as vllm serve's --reasoning-parser does
+    (its structured output then applies once the reasoning has ended)."""
+    if engine == "vllm" and reasoning_parser:
+        _set_default(engine_args, engine_sources, "reasoning_parser", reasoning_parser, source)

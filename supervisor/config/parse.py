@@ -20,6 +20,7 @@ from .engine_defaults import (
     _apply_ec_transfer,
     _apply_kv_transfer,
     _apply_multimodal,
+    _apply_reasoning,
     _apply_worker_defaults,
     _kv_events,
 )
@@ -112,6 +113,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     _apply_ec_transfer(s, engine_args, engine_sources, uses_ec=uses_ec, multimodal_role=multimodal_role,
                        ec_storage_path=ec_storage_path)
     _apply_multimodal(engine_args, engine_sources, multimodal_role=multimodal_role, engine=engine)
+    _apply_reasoning(engine_args, engine_sources, reasoning_parser=s["reasoning_parser"],
+                     source=s.sources["reasoning_parser"], engine=engine)
 
     # -- ports and the rest
     http_port = s["http_port"]

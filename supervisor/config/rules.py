@@ -249,10 +249,8 @@ def check_startable(config: Config, environ: Mapping[str, str] | None = None) ->
     if config.durable_kv_events and config.event_plane != "nats":
         raise ConfigError(f"--durable-kv-events{_origin(config, 'durable_kv_events')}: needs the NATS event plane "
                           f"(JetStream): add --event-plane nats")
-    for field_name in ("tool_call_parser", "reasoning_parser"):
-        if getattr(config, field_name):
-            raise ConfigError(f"{_named(config, field_name)}{_origin(config, field_name)}: not available yet "
-                              "(tool calls and reasoning are returned as content)")
+    if config.tool_call_parser or config.reasoning_parser:
+        _check_parsers(config)
     if config.multimodal_role is not None:
         _check_vision_model(config)
     if config.engine == "vllm" and config.model is not None:
@@ -276,6 +274,21 @@ def _check_vision_model(config: Config) -> None:
     why = vision_config_error(model)
     if why is not None:
         raise ConfigError(f"{flag}: --model {config.model} cannot serve images: {why}")
+
+
+def _check_parsers(config: Config) -> None:
+    """The parser names must be vLLM's (this imports vLLM, as serving them will)."""
+    try:
+        from actors.openai.parsing import known_parsers
+
+        tools, reasoning = known_parsers()
+    except ImportError as exc:
+        raise ConfigError(f"{_named(config, 'tool_call_parser')}: vLLM's parsers are not importable ({exc})") from None
+    for field_name, known in (("tool_call_parser", tools), ("reasoning_parser", reasoning)):
+        name = getattr(config, field_name)
+        if name and name not in known:
+            raise ConfigError(f"{_named(config, field_name)} {name}{_origin(config, field_name)}: unknown; vLLM's "
+                              f"are: {', '.join(known)}")
 
 
 def _named(config: Config, field_name: str) -> str:

@@ -80,8 +80,6 @@ SYNTHETIC: list[tuple[str, list[str], dict[str, str], str]] = [
      "(LlamaForCausalLM: no vision_config and image token in its config.json)"),
     ("durable-kv-events", ["--durable-kv-events"], {},
      "error: --durable-kv-events: needs the NATS event plane (JetStream): add --event-plane nats"),
-    ("tool-call-parser", ["--dyn-tool-call-parser", "hermes"], {},
-     "error: --dyn-tool-call-parser: not available yet (tool calls and reasoning are returned as content)"),
 ]
 
 

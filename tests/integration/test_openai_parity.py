@@ -244,9 +244,7 @@ def _error(client: openai.OpenAI, call: str, **kw: Any) -> tuple[int, dict[str, 
     ("completions", {"prompt": "x", "max_tokens": 2, "logprobs": -5}),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "top_logprobs": 2}),
     ("chat", {"messages": [], "max_tokens": 2}),
-    ("completions", {"prompt": "x", "max_tokens": 2, "priority": 5}),
-], ids=["unknown-model", "prompt-too-long", "negative-logprobs", "top-logprobs-without-logprobs", "no-messages",
-        "priority-without-priority-scheduling"])
+], ids=["unknown-model", "prompt-too-long", "negative-logprobs", "top-logprobs-without-logprobs", "no-messages"])
 def test_errors_as_vllm_serve_gives_them(clients: Any, tiny_model: Path, call: str, kw: dict[str, Any]) -> None:
     kw = {"model": str(tiny_model), **kw}
     (ours_status, ours_body), (their_status, their_body) = (_error(c, call, **kw) for c in clients)
