@@ -1,4 +1,5 @@
-"""LoRA adapters, sleep/wake and the health canary on real vLLM (one worker)."""
+"""LoRA adapters (request plane and OpenAI API), priority scheduling, sleep/wake and the health
+canary on real vLLM (one worker, one sequence at a time, --scheduling-policy priority)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import trio
 
@@ -31,7 +33,8 @@ def lora_dir(tiny_model: Path) -> Path:
 def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     tmp = tmp_path_factory.mktemp("lora-worker")
     gen = start_vllm_worker(tiny_model, tmp, "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
-                            "--canary-wait-time", "1")
+                            "--canary-wait-time", "1", "--http-port", "0", "--max-num-seqs", "1",
+                            "--scheduling-policy", "priority")
     w = next(gen)
     w.discovery_dir = tmp / "discovery"  # type: ignore[attr-defined]
     w.wait_ready(timeout=240)
@@ -104,6 +107,87 @@ async def test_lora_bad_source_and_system_routes(worker: Worker, lora_dir: Path)
         assert (await http.get("/loras")).json()["loras"].keys() == {"via-http"}
         assert (await http.delete("/loras/via-http")).status_code == 200
         assert (await http.delete("/loras/via-http")).status_code == 404
+
+
+def _openai(w: Worker) -> openai.AsyncOpenAI:
+    port = w.wait_event("http.listening")["port"]
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+async def test_lora_on_the_openai_api(worker: Worker, lora_dir: Path, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    async with httpx.AsyncClient(base_url=worker.url(""), timeout=60) as http:
+        loaded = await http.post("/loras", json={"lora_name": "adapter", "source": {"uri": f"file://{lora_dir}"}})
+    assert loaded.status_code == 200, loaded.text
+    try:
+        client = _openai(worker)
+        models = {m.id: m for m in (await client.models.list()).data}
+        base = str(tiny_model)
+        assert models.keys() == {base, "adapter"}
+        assert (models["adapter"].model_extra or {}).get("parent") == base
+        assert (models[base].model_extra or {}).get("parent") is None
+        # the adapter's greedy answer on the OpenAI API is the request plane's, in the model's own words
+        lora_tokens = tokens(await call(worker, "generate", greedy(8, "adapter")))
+        base_tokens = tokens(await call(worker, "generate", greedy(8)))
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+        def text(ids: list[int]) -> str:
+            """What follows the prompt, decoded with it, up to a last character whose bytes the
+            8 tokens leave incomplete (the random model writes byte tokens; a streaming
+            detokenizer and a whole decode may render such an end differently)."""
+            def decode(t: list[int]) -> str:
+                return str(tokenizer.decode(t, skip_special_tokens=True))
+            return decode(PROMPT + ids)[len(decode(PROMPT)):].rstrip("\ufffd")
+
+        assert text(lora_tokens) != text(base_tokens)
+        for model, expected in (("adapter", lora_tokens), (base, base_tokens)):
+            answer = await client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+            assert answer.model == model and answer.usage is not None and answer.usage.completion_tokens == 8
+            assert text(expected) and answer.choices[0].text.startswith(text(expected)), (answer.choices[0].text,
+                                                                                            text(expected))
+        chat = await client.chat.completions.create(model="adapter", max_tokens=4,
+                                                    messages=[{"role": "user", "content": "hi"}])
+        assert chat.model == "adapter" and chat.usage is not None and chat.usage.completion_tokens == 4
+    finally:
+        async with httpx.AsyncClient(base_url=worker.url(""), timeout=60) as http:
+            assert (await http.delete("/loras/adapter")).status_code == 200
+
+
+async def test_priority_orders_the_waiting_requests(worker: Worker, tiny_model: Path) -> None:
+    """One sequence at a time: while a long request runs, a low-priority request and then a
+    high-priority one wait; vLLM (lower value first) runs the high-priority one first."""
+    client = _openai(worker)
+    finished: list[str] = []
+
+    async def ask(name: str, tokens: int, priority: int, started: trio.Event | None = None) -> None:
+        stream = await client.completions.create(model=str(tiny_model), prompt=PROMPT, max_tokens=tokens,
+                                                 temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True, "priority": priority})
+        async for _ in stream:
+            if started is not None and not started.is_set():
+                started.set()
+        finished.append(name)
+
+    async with trio.open_nursery() as nursery:
+        running = trio.Event()
+        nursery.start_soon(ask, "long", 1500, 0, running)
+        await running.wait()
+        nursery.start_soon(ask, "low", 20, 10)
+        await trio.to_thread.run_sync(_waiting, worker, 2)
+        nursery.start_soon(ask, "high", 20, -10)
+        await trio.to_thread.run_sync(_waiting, worker, 3)
+    assert finished == ["long", "high", "low"]
+
+
+def _waiting(w: Worker, count: int) -> None:
+    """Until the worker has ``count`` completions in flight (its own log)."""
+    def inflight() -> int:
+        events = w.events()
+        return (sum(e.get("event") == "request.started" and e.get("endpoint") == "completions" for e in events)
+                - sum(e.get("event") == "request.finished" and e.get("endpoint") == "completions" for e in events))
+    wait_until(lambda: inflight() >= count, 60, f"{count} completions in flight")
 
 
 def _registered(w: Worker) -> list[Any]:

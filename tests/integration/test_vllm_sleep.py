@@ -25,7 +25,7 @@ def test_asleep_for_long_then_woken(tiny_model: Path, tmp_path: Path) -> None:
     # a canary after 0.5 s idle that must answer within 1 s: sent to the paused engine it would fail
     # three times within about 5 s and take the worker down
     gen = start_vllm_worker(tiny_model, tmp_path, "--canary-wait-time", "0.5", "--health-check-timeout", "1",
-                            "--health-check-interval", "0.2")
+                            "--health-check-interval", "0.1")
     worker = next(gen)
     try:
         worker.wait_ready(timeout=180)
@@ -37,7 +37,7 @@ def test_asleep_for_long_then_woken(tiny_model: Path, tmp_path: Path) -> None:
         assert records()
         assert worker.post("/engine/sleep", json={"level": 1}, timeout=30).status_code == 200
         assert not records()
-        # 150 monitor rounds (30 s) asleep: six times what killed a sleeping worker before
+        # 150 monitor rounds (15 s) asleep: three times what killed a sleeping worker before
         wait_until(lambda: worker.get("/health").json()["health"]["asleep_ticks"] >= 150, 120,
                    lambda: str(worker.get("/health").json()))
         assert worker.proc.poll() is None
