@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,24 @@ def request_address(worker: Worker) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def openai_pair(model: Path, tmp: Path, serve_args: tuple[str, ...], worker_args: tuple[str, ...],
+                engine_args: tuple[str, ...] = VLLM_TEST_ARGS) -> Iterator[tuple[Any, Any, str]]:
+    """Our worker (its HTTP front) and ``vllm serve`` on ``model``, loading side by side; yields an
+    ``openai`` client for each (ours, theirs) and the model's name."""
+    import openai
+
+    serve_gen = start_vllm_serve(model, *serve_args, engine_args=engine_args)
+    worker_gen = start_vllm_worker(model, tmp, "--http-port", "0", *worker_args, engine_args=engine_args)
+    try:
+        worker: Worker = next(worker_gen)
+        serve: VllmServe = next(serve_gen)
+        worker.wait_ready(240)
+        port = worker.wait_event("http.listening")["port"]
+        ours = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        theirs = openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+        yield ours, theirs, str(model)
+    finally:
+        worker_gen.close()
+        serve_gen.close()

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
-from tests.conftest import VLLM_TEST_ARGS, start_vllm_serve, start_vllm_worker
-from tests.procs import VllmServe, Worker
+from tests.conftest import VLLM_TEST_ARGS, openai_pair
 
 pytestmark = pytest.mark.vllm
 
@@ -29,20 +27,8 @@ ASK: list[Any] = [{"role": "user", "content": "Think, then answer."}]
 @pytest.fixture(scope="module")
 def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
     assert VLLM_TEST_ARGS[-2] == "--structured-outputs-config"
-    serve_gen = start_vllm_serve(tiny_tool_model, "--reasoning-parser", "qwen3", engine_args=ENGINE_ARGS)
-    worker_gen = start_vllm_worker(tiny_tool_model, tmp_path_factory.mktemp("reasoning"), "--http-port", "0",
-                                   "--dyn-reasoning-parser", "qwen3", engine_args=ENGINE_ARGS)
-    try:
-        worker: Worker = next(worker_gen)
-        serve: VllmServe = next(serve_gen)
-        worker.wait_ready(240)
-        port = worker.wait_event("http.listening")["port"]
-        ours = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
-        theirs = openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-        yield ours, theirs, str(tiny_tool_model)
-    finally:
-        worker_gen.close()
-        serve_gen.close()
+    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("reasoning"), ("--reasoning-parser", "qwen3"),
+                           ("--dyn-reasoning-parser", "qwen3"), engine_args=ENGINE_ARGS)
 
 
 def split(message: Any) -> tuple[str | None, str | None]:

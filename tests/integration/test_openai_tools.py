@@ -17,8 +17,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import start_vllm_serve, start_vllm_worker
-from tests.procs import REPO, VllmServe, Worker
+from tests.conftest import openai_pair
+from tests.procs import REPO, Worker
 
 pytestmark = pytest.mark.vllm
 
@@ -36,21 +36,10 @@ CALL_REGEX = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z]
 
 
 @pytest.fixture(scope="module")
-def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
-    serve_gen = start_vllm_serve(tiny_tool_model, "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
-    worker_gen = start_vllm_worker(tiny_tool_model, tmp_path_factory.mktemp("tools"), "--http-port", "0",
-                                   "--dyn-tool-call-parser", "hermes")
-    try:
-        worker: Worker = next(worker_gen)
-        serve: VllmServe = next(serve_gen)
-        worker.wait_ready(240)
-        port = worker.wait_event("http.listening")["port"]
-        ours = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
-        theirs = openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-        yield ours, theirs, str(tiny_tool_model)
-    finally:
-        worker_gen.close()
-        serve_gen.close()
+def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
+    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("tools"),
+                           ("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),
+                           ("--dyn-tool-call-parser", "hermes"))
 
 
 def both(clients: Any, **kw: Any) -> tuple[Any, Any]:
