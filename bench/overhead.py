@@ -94,7 +94,11 @@ def engine_flags(model: Path) -> list[str]:
                  "endpoint": f"tcp://127.0.0.1:{free_port()}", "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"}
     return ["--model", str(model), "--max-model-len", "2048", "--block-size", "128", "--enforce-eager",
             "--seed", "0", "--enable-prefix-caching", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-            "--kv-events-config", json.dumps(kv_events)]
+            # vLLM's CPU worker uses AMX without asking Linux for it and dies of SIGILL on AMX hosts:
+            # our worker asks in each vLLM worker process by default; the raw driver and vllm serve
+            # need to be told (actors/engine/vllm_worker.py)
+            "--worker-extension-cls", "actors.engine.vllm_worker.WorkerSetup",
+            "--kv-events-config", json.dumps(kv_events)]  # last: the results print it as '<json>'
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
