@@ -1,6 +1,6 @@
 """SIGTERM/SIGINT -> the shutdown phases.
 
-Phases, in order (DESIGN.md): deregister -> refuse new work -> drain (up to the
+Phases, in order: deregister -> refuse new work -> drain (up to the
 grace period) -> abort what is left with a migratable error -> cancel the tree
 (the supervisors stop their children in reverse start order; the engine shuts
 down in its own cleanup) -> exit 0. A second signal during the drain skips the

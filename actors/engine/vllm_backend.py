@@ -7,7 +7,8 @@ request its ``RequestOutput`` through that request's collector (``put``). We
 replace ``put`` on each request's collector with a forwarder that converts the
 output and drops it straight into the request's trio channel. So there is one
 asyncio task per engine step for all requests, and no per-token hop through
-``aio_as_trio`` (which DESIGN.md measured at twice the front-end CPU).
+``aio_as_trio``: one asyncio task per token and request, which cost about twice
+the front end's CPU per token when the worker relayed each output that way.
 
 That touches one vLLM internal (``RequestOutputCollector.put`` and its
 ``output`` slot), pinned to vLLM 0.32 and covered by its own test.
