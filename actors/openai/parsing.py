@@ -21,7 +21,6 @@ the same parsers:
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +85,6 @@ class ChoiceParser:
         self.parser = parsing.new_parser()
         self.prompt_token_ids = list(prompt_token_ids)
         self.called_tool = False
-        self.tool_deltas = 0
         if self.parser is not None:
             self.parser.set_prompt_token_ids(self.prompt_token_ids)
 
@@ -120,7 +118,6 @@ class ChoiceParser:
         data.pop("role", None)
         if data.get("tool_calls"):
             self.called_tool = True
-            self.tool_deltas += len(data["tool_calls"])
         return data or None
 
     def deltas(self, pieces: Sequence[str], token_ids: Sequence[int], finished: bool) -> dict[str, Any] | None:
@@ -234,7 +231,7 @@ class ChatParsing:
         if structured is not None:
             parsing.guided = _structured_section(structured)
         if tools:  # the template sees them even with tool_choice none (as vllm serve by default)
-            parsing.chat_kwargs["tools"] = [t if isinstance(t, dict) else json.loads(json.dumps(t)) for t in tools]
+            parsing.chat_kwargs["tools"] = list(tools)
         return parsing
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import trio
 from supervisor.aio import open_asyncio_loop
 from supervisor.client import CallError, NatsCall, make_discovery
 from tests.conftest import start_vllm_worker
-from tests.procs import Worker
+from tests.procs import Worker, wait_until
 from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
@@ -31,10 +30,8 @@ KILLER = ("import sys, httpx; sys.stdin.readline(); r = httpx.post(sys.argv[1], 
 
 def _started(worker: Worker, count: int, timeout: float = 120.0) -> None:
     """Wait until the worker has admitted ``count`` requests (its own log says so)."""
-    deadline = time.monotonic() + timeout
-    while sum(e["event"] == "request.started" for e in worker.events()) < count:
-        assert time.monotonic() < deadline, f"the worker did not start {count} requests within {timeout}s"
-        time.sleep(0.05)
+    wait_until(lambda: sum(e["event"] == "request.started" for e in worker.events()) >= count, timeout,
+               f"the worker to start {count} requests")
 
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
