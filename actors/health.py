@@ -1,10 +1,12 @@
 """The health monitor: asks the engine how it is every ``interval`` seconds,
 and sends a canary request through it when the endpoint has been idle.
 
-An engine that says it is dead, or does not answer ``check_health`` within
-``timeout``, is declared dead through its :class:`EngineRef`; the engine actor
-is significant, so that takes the tree down (exit 1). A failed canary marks the
-worker unhealthy (``/health`` 503); three in a row declare the engine dead. The
+An engine that says it is dead is declared dead through its :class:`EngineRef`;
+the engine actor is significant, so that takes the tree down (exit 1). A check
+not answered within ``timeout`` or a failed canary marks the worker unhealthy
+(``/health`` 503); three of either in a row declare the engine dead. One slow
+answer is no verdict: on a loaded host the worker's own event loop can stall
+for seconds while the engine is fine. The
 canary is a request like any other: it goes through the request pipeline.
 
 A sleeping engine is left alone: no health check and no canary is sent while
@@ -32,6 +34,7 @@ from .pipeline import RequestPipeline, Status, Ticket
 __all__ = ["Canary", "HealthMonitor", "HealthStatus"]
 
 CANARY_FAILURES_FATAL = 3
+CHECK_TIMEOUTS_FATAL = 3
 
 
 @dataclass
@@ -45,6 +48,7 @@ class HealthStatus:
     checks: int = 0
     canaries: int = 0
     canary_failures: int = 0
+    check_timeouts: int = 0  # checks in a row not answered within the timeout
     last_error: str | None = None
 
 
@@ -120,9 +124,19 @@ class HealthMonitor:
                 await self.engine.check_health()
             except EngineDead as exc:
                 error = EngineUnhealthy(f"engine check_health failed: {exc}")
-        if scope.cancelled_caught:
-            error = EngineUnhealthy(f"engine did not answer check_health within {self.timeout}s")
         self.status.checks += 1
+        if scope.cancelled_caught:
+            self.status.check_timeouts += 1
+            self.status.healthy = False
+            self.status.last_error = (f"engine did not answer check_health within {self.timeout}s "
+                                      f"({self.status.check_timeouts} times in a row)")
+            if self.status.check_timeouts < CHECK_TIMEOUTS_FATAL:
+                ctx.log.warning("health.check_slow", error=self.status.last_error,
+                                timeouts=self.status.check_timeouts)
+                return False
+            error = EngineUnhealthy(self.status.last_error)
+        elif error is None:
+            self.status.check_timeouts = 0
         if error is None:
             # a failing canary keeps the worker unhealthy until a canary passes
             if self.status.canary_failures == 0:

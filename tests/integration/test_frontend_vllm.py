@@ -22,6 +22,14 @@ def instance_of(worker: Worker) -> str:
     return str(worker.wait_event("endpoint.registered", timeout=240)["key"]).rsplit(".", 1)[-1]
 
 
+def story(*procs: Worker) -> str:
+    """What the frontend and the workers said about requests, workers and health: the message
+    a failure here carries, since the processes' logs are gone with the run."""
+    keep = ("request.", "frontend.worker", "health.", "worker.failed", "worker.exit", "endpoint.")
+    return "\n".join(f"pid {p.proc.pid}: {e}" for p in procs
+                     for e in p.events() if str(e.get("event", "")).startswith(keep))
+
+
 def test_a_killed_workers_stream_continues_on_the_other(tiny_model: Path, tmp_path: Path) -> None:
     # float32: a continuation computed as one prefill of prompt + streamed tokens equals the
     # token-by-token decode it replaces; bf16 rounding could flip a near-tie of the random model
@@ -34,6 +42,8 @@ def test_a_killed_workers_stream_continues_on_the_other(tiny_model: Path, tmp_pa
         for w in workers:
             w.wait_ready(timeout=240)
         frontend.wait_ready(60)
+        wait_until(lambda: sum(e["event"] == "frontend.worker_added" for e in frontend.events()) == 2, 30,
+                   "the frontend to know both workers")
         port = frontend.wait_event("http.listening")["port"]
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
         # long enough that the worker is still generating when the kill lands (the client may
@@ -52,12 +62,15 @@ def test_a_killed_workers_stream_continues_on_the_other(tiny_model: Path, tmp_pa
 
         killer = threading.Thread(target=kill_the_serving_worker)
         killer.start()
-        for chunk in client.completions.create(stream=True, **kw):
-            pieces.append(chunk.choices[0].text if chunk.choices else "")
-            if len(pieces) == 50:
-                streaming.set()
+        try:
+            for chunk in client.completions.create(stream=True, **kw):
+                pieces.append(chunk.choices[0].text if chunk.choices else "")
+                if len(pieces) == 50:
+                    streaming.set()
+        except openai.APIError as exc:
+            raise AssertionError(f"{exc}\n{story(frontend, *workers)}") from exc
         killer.join(60)
-        assert "".join(pieces) == uninterrupted
+        assert "".join(pieces) == uninterrupted, story(frontend, *workers)
         wait_until(lambda: any(e["event"] == "request.migrating" for e in frontend.events()), 10,
                    "the frontend to say it moved the stream")
         moved = next(e for e in frontend.events() if e["event"] == "request.migrating")

@@ -6,29 +6,19 @@ parsers split them into ``reasoning`` and ``content``, whole and streamed."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import VLLM_TEST_ARGS, openai_pair
-
 pytestmark = pytest.mark.vllm
 
-# the structured output constrains the reasoning too (vLLM's enable_in_reasoning), here and in vllm serve
-ENGINE_ARGS = (*VLLM_TEST_ARGS[:-2], "--structured-outputs-config",
-               json.dumps({"backend": "xgrammar", "disable_any_whitespace": True, "enable_in_reasoning": True}))
 THINK = r"<think>[a-z]{2,8}( [a-z]{2,8}){1,3}</think>[a-z]{2,8}( [a-z]{2,8}){1,3}"
 ASK: list[Any] = [{"role": "user", "content": "Think, then answer."}]
 
 
 @pytest.fixture(scope="module")
-def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
-    assert VLLM_TEST_ARGS[-2] == "--structured-outputs-config"
-    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("reasoning"), ("--reasoning-parser", "qwen3"),
-                           ("--dyn-reasoning-parser", "qwen3"), engine_args=ENGINE_ARGS)
+def clients(parser_clients: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
+    return parser_clients
 
 
 def split(message: Any) -> tuple[str | None, str | None]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import openai_pair
 from tests.procs import REPO, Worker
 
 pytestmark = pytest.mark.vllm
@@ -36,10 +34,8 @@ CALL_REGEX = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z]
 
 
 @pytest.fixture(scope="module")
-def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
-    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("tools"),
-                           ("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),
-                           ("--dyn-tool-call-parser", "hermes"))
+def clients(parser_clients: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
+    return parser_clients
 
 
 def both(clients: Any, **kw: Any) -> tuple[Any, Any]:
