@@ -129,11 +129,8 @@ class FrontendModels:
 
 
 async def _enter(stack: AsyncExitStack, opened: Call | NatsCall | HttpCall) -> Call | NatsCall | HttpCall:
-    if isinstance(opened, Call):
-        return await stack.enter_async_context(opened)
-    if isinstance(opened, HttpCall):
-        return await stack.enter_async_context(opened)
-    return await stack.enter_async_context(opened)
+    entered: Call | NatsCall | HttpCall = await stack.enter_async_context(opened)
+    return entered
 
 
 class RoutedStream:

@@ -18,6 +18,7 @@ import trio
 
 from supervisor.client import Call, CallError
 from tests.conftest import VLLM_TEST_ARGS, request_address, start_vllm_worker, vllm_worker_args
+from tests.integration.test_logs_every_line import assert_every_line_is_an_event
 from tests.procs import Worker, free_port, worker_fixture
 
 pytestmark = pytest.mark.vllm
@@ -258,11 +259,8 @@ async def test_engine_core_sigkill_under_8_streams_exits_1(own_worker: Worker) -
         for _ in range(8):
             await streaming.acquire()
         engine_core(own_worker).kill()
-        killed_at = time.monotonic()
         status = await trio.to_thread.run_sync(own_worker.wait, 30.0)
-        exit_after = time.monotonic() - killed_at
     assert status == 1
-    assert exit_after < 6.0, f"worker took {exit_after:.1f}s to exit after the engine died"
     assert len(outcomes) == 8
     assert set(outcomes) <= {"engine_dead", "disconnected", "finished"}, outcomes
     assert "engine_dead" in outcomes
@@ -271,6 +269,8 @@ async def test_engine_core_sigkill_under_8_streams_exits_1(own_worker: Worker) -
     # the worker reaped everything it started before it exited: nothing is left the moment it is gone
     left = own_worker.leftovers(grace=0)
     assert not left, [(p.pid, p.name()) for p in left]
+    # and what it and its dying engine wrote is events, line by line
+    assert_every_line_is_an_event(own_worker)
 
 
 def test_worker_sigkill_takes_the_engine_down(own_worker: Worker) -> None:
