@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,23 +93,6 @@ def tiny_tool_model() -> Path:
     from actors.engine.models import build_tiny_tool_llama, default_cache_dir
 
     return build_tiny_tool_llama(default_cache_dir() / "tiny-tool-llama-test")
-
-
-# the structured output constrains the reasoning too (vLLM's enable_in_reasoning), in both servers
-PARSER_ENGINE_ARGS = (*VLLM_TEST_ARGS[:-2], "--structured-outputs-config",
-                      json.dumps({"backend": "xgrammar", "disable_any_whitespace": True, "enable_in_reasoning": True}))
-
-
-@pytest.fixture(scope="session")
-def parser_clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
-    """``vllm serve --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3``
-    and our worker with ``--dyn-tool-call-parser hermes --dyn-reasoning-parser qwen3`` on the tiny
-    tool model: (ours, theirs, model) for the tool and the reasoning suites, started once."""
-    assert VLLM_TEST_ARGS[-2] == "--structured-outputs-config"
-    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("parsers"),
-                           ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"),
-                           ("--dyn-tool-call-parser", "hermes", "--dyn-reasoning-parser", "qwen3"),
-                           engine_args=PARSER_ENGINE_ARGS)
 
 
 def request_address(worker: Worker) -> str:

@@ -3,20 +3,48 @@ every interface (``--http-host``, 0.0.0.0 by default, as ``vllm serve``); the sy
 server, the request plane, the event plane, the KV event relay (which vLLM's
 publisher connects to) and vLLM's KV event replay socket stay on loopback.
 
-Every process of the session's worker (started with the default hosts) is inspected:
-the worker, its reaper and vLLM's engine core process(es).
+Every process of the worker is inspected: the worker, its reaper and vLLM's
+engine core process(es).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import psutil
 import pytest
 
-from tests.procs import Worker
+from tests.conftest import vllm_worker_args
+from tests.kvfake import free_port_pair
+from tests.procs import Worker, worker_fixture
 
 pytestmark = pytest.mark.vllm
 
 WILDCARDS = ("0.0.0.0", "::")
+
+
+@pytest.fixture(scope="module")
+def kv_port() -> int:
+    return free_port_pair()
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, kv_port: int) -> Iterator[Worker]:
+    tmp = tmp_path_factory.mktemp("bind-hosts")
+    env: dict[str, str | None] = {
+        "DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
+        "VLLM_CPU_KVCACHE_SPACE": None,  # it would override --kv-cache-memory-bytes
+        "DYN_VLLM_KV_EVENT_PORT": str(kv_port),
+        "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(kv_port + 1000),
+    }
+    gen = worker_fixture(*vllm_worker_args(tiny_model, "--http-port", "0"), env=env)
+    w = next(gen)
+    try:
+        w.wait_ready(timeout=180)
+        yield w
+    finally:
+        gen.close()
 
 
 def listeners(worker: Worker) -> list[tuple[int, str, str, int]]:
@@ -35,10 +63,8 @@ def listeners(worker: Worker) -> list[tuple[int, str, str, int]]:
     return found
 
 
-def test_only_the_http_front_listens_on_every_interface(vllm_worker: Worker) -> None:
-    worker = vllm_worker  # the session's: the default hosts, --http-port 0, KV event ports from its environment
+def test_only_the_http_front_listens_on_every_interface(worker: Worker, kv_port: int) -> None:
     http_port = int(worker.wait_event("http.listening")["port"])
-    kv_port, replay_port = (int(worker.env[v]) for v in ("DYN_VLLM_KV_EVENT_PORT", "DYN_VLLM_KV_EVENT_REPLAY_PORT"))
     found = listeners(worker)
     assert len({pid for pid, *_ in found}) >= 2, f"the engine core's sockets should be seen too: {found}"
     wide = [entry for entry in found if entry[2] in WILDCARDS and entry[3] != http_port]
@@ -46,7 +72,7 @@ def test_only_the_http_front_listens_on_every_interface(vllm_worker: Worker) -> 
     by_port = {port: address for _, _, address, port in found}
     # the KV event sockets are there, on loopback: the relay's (vLLM connects) and vLLM's replay socket
     assert by_port.get(kv_port) == "127.0.0.1", found
-    assert by_port.get(replay_port) == "127.0.0.1", found
+    assert by_port.get(kv_port + 1000) == "127.0.0.1", found
     for event in ("system.listening", "request_plane.listening", "event_plane.listening"):
         port = int(worker.wait_event(event)["port"])
         assert by_port.get(port) == "127.0.0.1", (event, found)

@@ -4,19 +4,19 @@ listener kill during the drain (all complete, exit 0, deregistered first, nothin
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from supervisor.aio import open_asyncio_loop
 from supervisor.client import CallError, NatsCall, make_discovery
+from supervisor.planes.servers import close_nats, connect_nats
 from tests.conftest import start_vllm_worker
-from tests.procs import Worker, wait_until
+from tests.procs import Worker
 from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
@@ -24,14 +24,13 @@ pytestmark = pytest.mark.vllm
 # long enough to outlast a slow client and the listener kill's round trip (max-model-len 2048)
 TOKENS = 2000
 
-KILLER = ("import sys, httpx; sys.stdin.readline(); r = httpx.post(sys.argv[1], timeout=30); "
-          "print(r.status_code, r.text)")
 
-
-def _started(worker: Worker, count: int, timeout: float = 120.0) -> None:
-    """Wait until the worker has admitted ``count`` requests (its own log says so)."""
-    wait_until(lambda: sum(e["event"] == "request.started" for e in worker.events()) >= count, timeout,
-               f"the worker to start {count} requests")
+async def _started(worker: Worker, count: int) -> None:
+    """Wait until the worker has admitted ``count`` requests (its own log says so), polled on
+    this trio loop: a helper thread of this busy process can wait seconds for the GIL."""
+    with trio.fail_after(120):
+        while sum(e["event"] == "request.started" for e in worker.events()) < count:  # noqa: ASYNC110
+            await trio.sleep(0.02)
 
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
@@ -39,7 +38,11 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
 ) -> None:
     namespace = f"vllm-{uuid.uuid4().hex[:8]}"
     gen = start_vllm_worker(tiny_model, tmp_path, "--request-plane", "nats", "--discovery-backend", "etcd",
-                            "--namespace", namespace, "--enable-chaos", "--canary-wait-time", "3600")
+                            "--namespace", namespace, "--enable-chaos", "--canary-wait-time", "3600",
+                            # two sequences at a time: the 8 streams' drain lasts four rounds, long enough
+                            # for the kill to land in it on a busy machine (one round took 8 s here, and
+                            # the kill's request once needed as long to get through)
+                            "--max-num-seqs", "2")
     # start_vllm_worker's env does not carry the servers: pass them the way users do
     import os
 
@@ -67,7 +70,7 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                     items: list[Any] = []
                     try:
                         # a lost frame fails the test (with what each stream got) instead of hanging it
-                        async with NatsCall(record.address, "generate", payload, servers=nats_server.url,
+                        async with NatsCall(record.address, "generate", payload, connection=nc,
                                             silence_timeout=120) as call:
                             async for item in call:
                                 items.append(item)
@@ -75,32 +78,29 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                     except CallError as exc:
                         results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
 
-                # the kill comes from a process started now and told when: starting one (or a thread)
-                # from this busy process can take seconds
-                killer = await trio.lowlevel.open_process(
-                    [sys.executable, "-c", KILLER, worker.url("/debug/actors/root/endpoint/listener/kill")],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        for i in range(8):
-                            nursery.start_soon(stream, i)
-                        await trio.to_thread.run_sync(_started, worker, 8)
-                        worker.signal(signal.SIGTERM)
-                        # the listener (the NATS connection) dies during the drain, and comes back
-                        await killer.stdin.send_all(b"kill\n")
-                        answer = b""
-                        while chunk := await killer.stdout.receive_some():
-                            answer += chunk
-                        if not answer.startswith(b"200 "):
-                            told = [(e["timestamp"], e["event"]) for e in worker.events() if e["event"].startswith(
-                                ("actor.crashed", "actor.stopped", "shutdown.", "requests.", "request.", "signal."))]
-                            pytest.fail(f"kill: {answer!r}\nworker: {told}")
-                    assert await killer.wait() == 0
-                finally:
-                    with trio.CancelScope(shield=True):
-                        if killer.poll() is None:
-                            killer.kill()
-                        await killer.wait()
+                # one client connection for the 8 streams, as a frontend has: 8 connects from this
+                # busy process spread the requests' arrival over seconds
+                nc = await connect_nats([nats_server.url], name="test-client")
+                # the kill goes out on a connection opened (and its client built) before the streams load
+                # this process: a new process, thread or connection from here can take seconds to get going
+                async with httpx.AsyncClient(base_url=worker.url(""), timeout=30) as http:
+                    assert (await http.get("/live")).status_code == 200
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            for i in range(8):
+                                nursery.start_soon(stream, i)
+                            await _started(worker, 8)
+                            worker.signal(signal.SIGTERM)
+                            # the listener (the NATS connection) dies during the drain, and comes back
+                            answer = await http.post("/debug/actors/root/endpoint/listener/kill")
+                            if answer.status_code != 200:
+                                told = [(e["timestamp"], e["event"]) for e in worker.events() if e["event"].startswith(
+                                    ("actor.crashed", "actor.stopped", "shutdown.", "requests.", "request.",
+                                     "signal."))]
+                                pytest.fail(f"kill: {answer.status_code} {answer.text}\nworker: {told}")
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await close_nats(nc)
                 if results != [("length", TOKENS)] * 8:  # say what the worker did meanwhile
                     told = [e for e in worker.events() if e["event"].startswith(
                         ("actor.", "nats.", "shutdown.", "request_plane.", "requests.", "endpoint."))]

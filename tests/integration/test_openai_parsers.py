@@ -1,21 +1,29 @@
-"""Tool calling against ``vllm serve``: the tiny tool model (Hermes-style template and tokens),
-``vllm serve --enable-auto-tool-choice --tool-call-parser hermes`` and our worker with
-``--dyn-tool-call-parser hermes``, the same requests through the official ``openai`` client.
+"""Tool calling and reasoning against ``vllm serve``: the tiny tool model (Hermes-style
+template, ``<tool_call>`` and ``<think>`` tokens), ``vllm serve --enable-auto-tool-choice
+--tool-call-parser hermes --reasoning-parser qwen3`` and our worker with
+``--dyn-tool-call-parser hermes --dyn-reasoning-parser qwen3``, the same requests through the
+official ``openai`` client.
+
 The random model never calls a tool on its own, so calls are forced: a named ``tool_choice``
 or ``required`` (the parser's structural tag), or a ``structured_outputs`` regex that writes a
-Hermes tool call for ``auto`` to find."""
+Hermes tool call for ``auto`` to find. Nor does it think on its own: a regex writes
+``<think>...</think>`` and an answer (the structured output applies during reasoning too, on
+both sides: vLLM's ``enable_in_reasoning``), and the parsers split them into ``reasoning`` and
+``content``, whole and streamed."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from tests.conftest import VLLM_TEST_ARGS, openai_pair
 from tests.procs import REPO, Worker
 
 pytestmark = pytest.mark.vllm
@@ -29,13 +37,25 @@ TOOLS: list[Any] = [
                                                      "required": ["zone"]}}},
 ]
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+THINK = r"<think>[a-z]{2,8}( [a-z]{2,8}){1,3}</think>[a-z]{2,8}( [a-z]{2,8}){1,3}"
+THINK_ASK: list[Any] = [{"role": "user", "content": "Think, then answer."}]
 # a Hermes tool call, written by the constraint (the parser, not the constraint, turns it into a call)
 CALL_REGEX = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,6}"\}\}</tool_call>'
 
 
+# the structured output constrains the reasoning too (vLLM's enable_in_reasoning), in both servers
+PARSER_ENGINE_ARGS = (*VLLM_TEST_ARGS[:-2], "--structured-outputs-config",
+                      json.dumps({"backend": "xgrammar", "disable_any_whitespace": True, "enable_in_reasoning": True}))
+
+
 @pytest.fixture(scope="module")
-def clients(parser_clients: tuple[Any, Any, str]) -> tuple[Any, Any, str]:
-    return parser_clients
+def clients(tiny_tool_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, str]]:
+    """Both parsers on, on both sides: a tool call and a thought are each parsed as vllm serve does."""
+    assert VLLM_TEST_ARGS[-2] == "--structured-outputs-config"
+    yield from openai_pair(tiny_tool_model, tmp_path_factory.mktemp("parsers"),
+                           ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"),
+                           ("--dyn-tool-call-parser", "hermes", "--dyn-reasoning-parser", "qwen3"),
+                           engine_args=PARSER_ENGINE_ARGS)
 
 
 def both(clients: Any, **kw: Any) -> tuple[Any, Any]:
@@ -132,3 +152,43 @@ def test_an_unknown_parser_is_refused_naming_the_known_ones() -> None:
                           "no-such-parser", "--check-config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--dyn-tool-call-parser no-such-parser: unknown; vLLM's are: " in out.stderr and "hermes" in out.stderr
+
+
+# -- reasoning
+
+def split(message: Any) -> tuple[str | None, str | None]:
+    return (message.model_extra or {}).get("reasoning"), message.content
+
+
+def test_reasoning_is_split_from_the_answer(clients: Any) -> None:
+    ours, theirs, model = clients
+    kw: dict[str, Any] = {"model": model, "messages": THINK_ASK, "max_tokens": 40, "temperature": 0,
+                          "extra_body": {"structured_outputs": {"regex": THINK}}}
+    a, b = (c.chat.completions.create(**kw) for c in (ours, theirs))
+    assert split(a.choices[0].message) == split(b.choices[0].message)
+    reasoning, content = split(a.choices[0].message)
+    assert reasoning and content and "<think>" not in content, (reasoning, content)
+    assert (a.model_extra or {}).get("usage") is None or a.usage.completion_tokens == b.usage.completion_tokens
+    # Dynamo's name for it too
+    assert (a.choices[0].message.model_extra or {}).get("reasoning_content") == reasoning
+    streams = []
+    for client in (ours, theirs):
+        thought, said = "", ""
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for choice in chunk.choices:
+                thought += (choice.delta.model_extra or {}).get("reasoning") or ""
+                said += choice.delta.content or ""
+        streams.append((thought, said))
+    assert streams[0] == streams[1]
+    # streamed, vLLM's parser keeps a <think> the model spelled out character by character (not
+    # as the one token) in the reasoning; whole, it drops it: the same text either way otherwise
+    assert streams[0][0].removeprefix("<think>") == reasoning and streams[0][1] == content
+
+
+def test_an_answer_that_never_closes_its_thinking(clients: Any) -> None:
+    """qwen3's parser reads an answer without </think> as all reasoning: the same on both sides."""
+    ours, theirs, model = clients
+    a, b = (c.chat.completions.create(model=model, messages=THINK_ASK, max_tokens=10, temperature=0)
+            for c in (ours, theirs))
+    assert split(a.choices[0].message) == split(b.choices[0].message)
+    assert a.choices[0].finish_reason == b.choices[0].finish_reason
