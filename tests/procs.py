@@ -44,7 +44,6 @@ class Worker:
         self.log_path = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
         merged: dict[str, str | None] = {**os.environ, TAG_VAR: self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env = {k: v for k, v in merged.items() if v is not None}
-        self.env = full_env  # what it was started with
         self.args = [sys.executable, "-m", "supervisor", "--log-format", "json", *args]
         self._log_file = self.log_path.open("wb")
         # its own session and process group: what it leaves behind is findable
