@@ -166,7 +166,14 @@ class Call(_Checked):
     async def __aenter__(self) -> Call:
         host, port = _split_address(self.address)
         self._stream = await trio.open_tcp_stream(host, port)
-        await self._stream.send_all(encode_frame(Request(self.request_id, self.endpoint, self.payload)))
+        try:
+            await self._stream.send_all(encode_frame(Request(self.request_id, self.endpoint, self.payload)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # a worker dying as it accepts resets the connection: as migratable as a cut stream
+            stream, self._stream = self._stream, None
+            await stream.aclose()
+            self.done = True
+            raise self._check.cut("the connection to the worker broke while sending the request") from None
         return self
 
     async def __aexit__(
