@@ -6,8 +6,8 @@ the engine actor is significant, so that takes the tree down (exit 1). A check
 not answered within ``timeout`` or a failed canary marks the worker unhealthy
 (``/health`` 503); three of either in a row declare the engine dead. One slow
 answer is no verdict: on a loaded host the worker's own event loop can stall
-for seconds while the engine is fine. The
-canary is a request like any other: it goes through the request pipeline.
+for seconds while the engine is fine. The canary is a request like any other:
+it goes through the request pipeline.
 
 A sleeping engine is left alone: no health check and no canary is sent while
 the worker is asleep (vLLM pauses scheduling then, so a canary would never be
@@ -127,14 +127,13 @@ class HealthMonitor:
         self.status.checks += 1
         if scope.cancelled_caught:
             self.status.check_timeouts += 1
-            self.status.healthy = False
-            self.status.last_error = (f"engine did not answer check_health within {self.timeout}s "
-                                      f"({self.status.check_timeouts} times in a row)")
+            error = EngineUnhealthy(f"engine did not answer check_health within {self.timeout}s "
+                                    f"({self.status.check_timeouts} times in a row)")
             if self.status.check_timeouts < CHECK_TIMEOUTS_FATAL:
-                ctx.log.warning("health.check_slow", error=self.status.last_error,
-                                timeouts=self.status.check_timeouts)
+                self.status.healthy = False
+                self.status.last_error = str(error)
+                ctx.log.warning("health.check_slow", error=str(error), timeouts=self.status.check_timeouts)
                 return False
-            error = EngineUnhealthy(self.status.last_error)
         elif error is None:
             self.status.check_timeouts = 0
         if error is None:

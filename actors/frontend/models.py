@@ -128,11 +128,6 @@ class FrontendModels:
                 await stream.aclose()
 
 
-async def _enter(stack: AsyncExitStack, opened: Call | NatsCall | HttpCall) -> Call | NatsCall | HttpCall:
-    entered: Call | NatsCall | HttpCall = await stack.enter_async_context(opened)
-    return entered
-
-
 class RoutedStream:
     """One request's outputs, from whichever workers serve it (see the module's doc)."""
 
@@ -300,7 +295,7 @@ class RoutedStream:
         try:
             opened = open_call(decision.instance.record, "generate", payload,
                                nats_servers=self.models.options.nats_servers, request_id=request_id)
-            call = await _enter(stack, opened)
+            call: Call | NatsCall | HttpCall = await stack.enter_async_context(opened)
         except (OSError, CallError) as exc:
             await stack.aclose()
             self.models.router.release(decision)

@@ -15,6 +15,7 @@ import trio
 
 from supervisor.client import Call, CallError
 from tests.conftest import request_address, start_vllm_worker
+from tests.kvfake import wait_until as poll_until
 from tests.procs import Worker, wait_until
 
 pytestmark = pytest.mark.vllm
@@ -195,9 +196,7 @@ async def _waiting(w: Worker, count: int) -> None:
         events = w.events()
         return (sum(e.get("event") == "request.started" and e.get("endpoint") == "completions" for e in events)
                 - sum(e.get("event") == "request.finished" and e.get("endpoint") == "completions" for e in events))
-    with trio.fail_after(60):
-        while inflight() < count:  # noqa: ASYNC110 (a log file: nothing to wait on but the poll)
-            await trio.sleep(0.05)
+    await poll_until(lambda: inflight() >= count, 60)
 
 
 def _registered(w: Worker) -> list[Any]:

@@ -16,21 +16,13 @@ from supervisor.aio import open_asyncio_loop
 from supervisor.client import CallError, NatsCall, make_discovery
 from supervisor.planes.servers import close_nats, connect_nats
 from tests.conftest import start_vllm_worker
-from tests.procs import Worker
+from tests.kvfake import wait_until as poll_until
 from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
 # long enough to outlast a slow client and the listener kill's round trip (max-model-len 2048)
 TOKENS = 2000
-
-
-async def _started(worker: Worker, count: int) -> None:
-    """Wait until the worker has admitted ``count`` requests (its own log says so), polled on
-    this trio loop: a helper thread of this busy process can wait seconds for the GIL."""
-    with trio.fail_after(120):
-        while sum(e["event"] == "request.started" for e in worker.events()) < count:  # noqa: ASYNC110
-            await trio.sleep(0.02)
 
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
@@ -89,7 +81,10 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                         async with trio.open_nursery() as nursery:
                             for i in range(8):
                                 nursery.start_soon(stream, i)
-                            await _started(worker, 8)
+                            # admitted, says the worker's log (polled on this loop: a helper thread of
+                            # this busy process can wait seconds for the GIL)
+                            await poll_until(lambda: sum(e["event"] == "request.started"
+                                                         for e in worker.events()) >= 8, 120)
                             worker.signal(signal.SIGTERM)
                             # the listener (the NATS connection) dies during the drain, and comes back
                             answer = await http.post("/debug/actors/root/endpoint/listener/kill")
