@@ -11,6 +11,12 @@ import pytest
 
 from tests.procs import VllmServe, Worker, free_port, worker_fixture
 
+# vLLM's default CPU binding ("auto") pins the model runner to one core; on a two-core virtual
+# machine every other process (a test client among them) then waits seconds at a time for a CPU
+# while a request generates (README, known limits). Every vLLM the tests start (our workers,
+# vllm serve, offline vLLM) inherits this, so they all run alike.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
 VLLM_TEST_ARGS = (
     "--max-model-len", "2048",
     "--block-size", "32",
