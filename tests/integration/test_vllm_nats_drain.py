@@ -21,8 +21,8 @@ from tests.servers import Server, etcd_server, nats_server  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
-# long enough to outlast a slow client and the listener kill's round trip (max-model-len 2048)
-TOKENS = 2000
+# long enough to outlast the listener kill's round trip many times over (about 10 s a round here)
+TOKENS = 1000
 
 
 async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
@@ -31,10 +31,9 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
     namespace = f"vllm-{uuid.uuid4().hex[:8]}"
     gen = start_vllm_worker(tiny_model, tmp_path, "--request-plane", "nats", "--discovery-backend", "etcd",
                             "--namespace", namespace, "--enable-chaos", "--canary-wait-time", "3600",
-                            # two sequences at a time: the 8 streams' drain lasts four rounds, long enough
-                            # for the kill to land in it on a busy machine (one round took 8 s here, and
-                            # the kill's request once needed as long to get through)
-                            "--max-num-seqs", "2")
+                            # four sequences at a time: the 8 streams' drain lasts two rounds (about 10 s
+                            # each here), long enough for the kill, sent at once, to land in it
+                            "--max-num-seqs", "4")
     # start_vllm_worker's env does not carry the servers: pass them the way users do
     import os
 
