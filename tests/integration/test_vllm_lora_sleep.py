@@ -4,7 +4,7 @@ canary on real vLLM (one worker, one sequence at a time, --scheduling-policy pri
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,19 +110,26 @@ async def test_lora_bad_source_and_system_routes(worker: Worker, lora_dir: Path)
         assert (await http.delete("/loras/via-http")).status_code == 404
 
 
-def _openai(w: Worker) -> openai.AsyncOpenAI:
-    port = w.wait_event("http.listening")["port"]
-    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+@pytest.fixture
+async def client(worker: Worker) -> AsyncIterator[openai.AsyncOpenAI]:
+    """Closed when the test ends: an AsyncOpenAI left to the garbage collector closes itself
+    from ``__del__`` with a task on whatever asyncio loop runs then. In a later test that is a
+    trio-asyncio loop, and its trio transport inside an asyncio task crashes that loop (CI: "Task
+    got bad yield" in the NATS restart test)."""
+    port = worker.wait_event("http.listening")["port"]
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                                  timeout=120) as c:
+        yield c
 
 
-async def test_lora_on_the_openai_api(worker: Worker, lora_dir: Path, tiny_model: Path) -> None:
+async def test_lora_on_the_openai_api(worker: Worker, lora_dir: Path, tiny_model: Path,
+                                      client: openai.AsyncOpenAI) -> None:
     from transformers import AutoTokenizer
 
     async with httpx.AsyncClient(base_url=worker.url(""), timeout=60) as http:
         loaded = await http.post("/loras", json={"lora_name": "adapter", "source": {"uri": f"file://{lora_dir}"}})
     assert loaded.status_code == 200, loaded.text
     try:
-        client = _openai(worker)
         models = {m.id: m for m in (await client.models.list()).data}
         base = str(tiny_model)
         assert models.keys() == {base, "adapter"}
@@ -156,11 +163,11 @@ async def test_lora_on_the_openai_api(worker: Worker, lora_dir: Path, tiny_model
             assert (await http.delete("/loras/adapter")).status_code == 200
 
 
-async def test_priority_orders_the_waiting_requests(worker: Worker, tiny_model: Path) -> None:
+async def test_priority_orders_the_waiting_requests(worker: Worker, tiny_model: Path,
+                                                    client: openai.AsyncOpenAI) -> None:
     """One sequence at a time: while a long request runs, a low-priority request and then a
     high-priority one wait; once the long one is cancelled, vLLM (lower value first) runs the
     high-priority one first."""
-    client = _openai(worker)
 
     async def ask(name: str, tokens: int, priority: int, finished: list[str],
                   started: trio.Event | None = None) -> None:
