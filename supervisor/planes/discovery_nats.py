@@ -137,39 +137,37 @@ class NatsDiscovery:
     async def list(
         self, namespace: str, component: str | None = None, endpoint: str | None = None
     ) -> list[InstanceRecord]:
-        import nats.errors
+        """The live records under the prefix. Which keys exist comes from the bucket's stream
+        (its subjects, by filter), then each key's last value: a KV watch is racy here, as
+        nats-py may mark "no more values" before a value the server already sent has been
+        handled, which lists nothing under load."""
+        import nats.js.errors
 
         kv = await self._bucket(None)
         if kv is None:
             return []
         pattern = ".".join([namespace, *(p for p in (component, endpoint) if p is not None)])
         pattern += ".*" if endpoint is not None else ".>"
+        prefix = f"$KV.{self.bucket}."
         aio = trio_asyncio.aio_as_trio
-        watcher = await self._js_call(aio(kv.watch)(pattern, ignore_deletes=True))
+        js = (await self._connection()).jetstream(timeout=self.timeout)
         found: list[InstanceRecord] = []
-        now = time.time()
         try:
             with trio.fail_after(LIST_TIMEOUT):
-                while True:
+                info = await self._js_call(aio(js.stream_info)(f"KV_{self.bucket}",
+                                                               subjects_filter=prefix + pattern))
+                now = time.time()
+                for subject in sorted(info.state.subjects or {}):
                     try:
-                        entry = await aio(watcher.updates)(timeout=LIST_TIMEOUT)
-                    except nats.errors.TimeoutError:
-                        raise ServerUnavailable(f"listing {pattern} in bucket {self.bucket!r} at "
-                                                f"{self.address} timed out") from None
-                    if entry is None:
-                        break
+                        entry = await self._js_call(aio(kv.get)(subject[len(prefix):]))
+                    except nats.js.errors.KeyNotFoundError:  # deregistered (purged) meanwhile
+                        continue
                     rec = _decode(entry.value, now)
                     if rec is not None and _matches(rec, namespace, component, endpoint):
                         found.append(rec)
         except trio.TooSlowError:
             raise ServerUnavailable(f"listing {pattern} in bucket {self.bucket!r} at {self.address} "
                                     f"timed out after {LIST_TIMEOUT:g}s") from None
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                try:
-                    await aio(watcher.stop)()
-                except Exception as exc:
-                    _log.debug("discovery.watch_stop_failed", error=repr(exc))
         return sorted(found, key=lambda r: r.instance_id)
 
     async def aclose(self) -> None:
