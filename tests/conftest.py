@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import VllmServe, Worker, free_port, worker_fixture
+from tests.procs import VllmServe, Worker, free_port, ready_worker, worker_fixture
 
 # vLLM's default CPU binding ("auto") pins the model runner to one core; on a two-core virtual
 # machine every other process (a test client among them) then waits seconds at a time for a CPU
@@ -47,14 +47,16 @@ def vllm_worker_args(model: Path, *extra: str) -> list[str]:
     return ["--engine", "vllm", "--model", str(model), *VLLM_TEST_ARGS, "--system-port", "0", *extra]
 
 
-def start_vllm_worker(model: Path, tmp: Path, *extra: str, engine_args: tuple[str, ...] = VLLM_TEST_ARGS
-                      ) -> Iterator[Worker]:
+def start_vllm_worker(model: Path, tmp: Path, *extra: str, engine_args: tuple[str, ...] = VLLM_TEST_ARGS,
+                      kv_port: int | None = None) -> Iterator[Worker]:
+    """``kv_port``: vLLM's KV event port, and its replay port 1000 above (as
+    ``tests.kvfake.free_port_pair`` finds them); by default two free ports."""
     env: dict[str, str | None] = {
         "DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
         "VLLM_CPU_KVCACHE_SPACE": None,  # it would override --kv-cache-memory-bytes
         # parallel workers must not fight over vLLM's KV event ports
-        "DYN_VLLM_KV_EVENT_PORT": str(free_port()),
-        "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(free_port()),
+        "DYN_VLLM_KV_EVENT_PORT": str(kv_port if kv_port is not None else free_port()),
+        "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(kv_port + 1000 if kv_port is not None else free_port()),
     }
     yield from worker_fixture("--engine", "vllm", "--model", str(model), *engine_args, "--system-port", "0", *extra,
                               env=env)
@@ -63,13 +65,8 @@ def start_vllm_worker(model: Path, tmp: Path, *extra: str, engine_args: tuple[st
 @pytest.fixture(scope="session")
 def vllm_worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     """One real vLLM worker (tiny model) shared by the tests that do not kill it."""
-    gen = start_vllm_worker(tiny_model, tmp_path_factory.mktemp("vllm-worker"), "--http-port", "0")
-    worker = next(gen)
-    worker.wait_ready(timeout=180)
-    try:
-        yield worker
-    finally:
-        gen.close()
+    yield from ready_worker(start_vllm_worker(tiny_model, tmp_path_factory.mktemp("vllm-worker"), "--http-port", "0"),
+                            timeout=180)
 
 
 def start_vllm_serve(model: Path, *extra: str, engine_args: tuple[str, ...] = VLLM_TEST_ARGS) -> Iterator[VllmServe]:

@@ -176,6 +176,17 @@ def worker_fixture(*args: str, **kw: Any) -> Iterator[Worker]:
         assert not left, f"processes left behind: {[p.pid for p in left]}"
 
 
+def ready_worker(workers: Iterator[Worker], timeout: float = 60.0) -> Iterator[Worker]:
+    """The worker of a :func:`worker_fixture` generator once it is ready; stopped (and checked
+    for leftovers) afterwards, also when it never became ready."""
+    worker = next(workers)
+    try:
+        worker.wait_ready(timeout=timeout)
+        yield worker
+    finally:
+        workers.close()
+
+
 def free_port(low: int = 20000, high: int = 32000) -> int:
     """A currently free loopback TCP port in the registered range (DYN_* ports must be 1024-49151),
     below Linux's ephemeral range (32768-60999), where an outgoing connection could take it

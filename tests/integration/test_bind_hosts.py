@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import vllm_worker_args
+from tests.conftest import start_vllm_worker
 from tests.kvfake import free_port_pair
-from tests.procs import Worker, worker_fixture
+from tests.procs import Worker, ready_worker
 
 pytestmark = pytest.mark.vllm
 
@@ -31,20 +31,8 @@ def kv_port() -> int:
 
 @pytest.fixture(scope="module")
 def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, kv_port: int) -> Iterator[Worker]:
-    tmp = tmp_path_factory.mktemp("bind-hosts")
-    env: dict[str, str | None] = {
-        "DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
-        "VLLM_CPU_KVCACHE_SPACE": None,  # it would override --kv-cache-memory-bytes
-        "DYN_VLLM_KV_EVENT_PORT": str(kv_port),
-        "DYN_VLLM_KV_EVENT_REPLAY_PORT": str(kv_port + 1000),
-    }
-    gen = worker_fixture(*vllm_worker_args(tiny_model, "--http-port", "0"), env=env)
-    w = next(gen)
-    try:
-        w.wait_ready(timeout=180)
-        yield w
-    finally:
-        gen.close()
+    yield from ready_worker(start_vllm_worker(tiny_model, tmp_path_factory.mktemp("bind-hosts"), "--http-port", "0",
+                                              kv_port=kv_port), timeout=180)
 
 
 def listeners(worker: Worker) -> list[tuple[int, str, str, int]]:

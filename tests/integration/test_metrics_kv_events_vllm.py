@@ -23,7 +23,7 @@ from supervisor.client import Call, CallError
 from supervisor.planes import zmq_trio
 from tests.conftest import request_address, vllm_worker_args
 from tests.kvfake import free_port_pair, settle, wait_until
-from tests.procs import Worker, worker_fixture
+from tests.procs import Worker, ready_worker, worker_fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -46,13 +46,7 @@ def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, kv_port: 
     tmp = tmp_path_factory.mktemp("kv-worker")
     env = {"DYN_FILE_DISCOVERY_DIR": str(tmp / "discovery"),
            "DYN_VLLM_KV_EVENT_PORT": str(kv_port), "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
-    gen = worker_fixture(*vllm_worker_args(tiny_model), env=env)
-    w = next(gen)
-    try:
-        w.wait_ready(timeout=180)
-        yield w
-    finally:
-        gen.close()
+    yield from ready_worker(worker_fixture(*vllm_worker_args(tiny_model), env=env), timeout=180)
 
 
 class Subscriber:
