@@ -69,19 +69,18 @@ async def test_nats_plane_etcd_discovery_listener_kill_and_sigterm_drain(
                     except CallError as exc:
                         results.append(f"stream {i}: {exc.code} {exc} after {len(items)} items")
 
-                # one client connection for the 8 streams, as a frontend has: 8 connects from this
-                # busy process spread the requests' arrival over seconds
+                # one client connection for the 8 streams, as a frontend has (8 connects once spread
+                # the requests' arrival over seconds)
                 nc = await connect_nats([nats_server.url], name="test-client")
-                # the kill goes out on a connection opened (and its client built) before the streams load
-                # this process: a new process, thread or connection from here can take seconds to get going
+                # the kill goes out on a connection opened (and its client built) before the streams: once
+                # they generate, anything new started from here has to get going on a loaded host
                 async with httpx.AsyncClient(base_url=worker.url(""), timeout=30) as http:
                     assert (await http.get("/live")).status_code == 200
                     try:
                         async with trio.open_nursery() as nursery:
                             for i in range(8):
                                 nursery.start_soon(stream, i)
-                            # admitted, says the worker's log (polled on this loop: a helper thread of
-                            # this busy process can wait seconds for the GIL)
+                            # admitted, says the worker's log (polled on this loop, no helper thread)
                             await poll_until(lambda: sum(e["event"] == "request.started"
                                                          for e in worker.events()) >= 8, 120)
                             worker.signal(signal.SIGTERM)
